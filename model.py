@@ -1,0 +1,176 @@
+"""The SepConv network (Niklaus et al., ICCV 2017), its weights, and the `interpolate` API."""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sepconv import sepconv
+
+KERNEL_SIZE = 51
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+MODELS = ('l1', 'lf')
+PADDINGS = ('paper', 'improved')
+
+
+class InputError(ValueError):
+    """A problem with what the user passed in; the CLIs print it as one line."""
+
+
+def _basic(channels_in, channels_out):
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(channels_in, channels_out, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(channels_out, channels_out, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(channels_out, channels_out, 3, padding=1), torch.nn.ReLU())
+
+
+def _upsample(channels):
+    return torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True),
+        torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU())
+
+
+def _subnet():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, KERNEL_SIZE, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True),
+        torch.nn.Conv2d(KERNEL_SIZE, KERNEL_SIZE, 3, padding=1))
+
+
+class Network(torch.nn.Module):
+    """Encoder-decoder predicting four 51-tap kernels per pixel; layer names match the original."""
+
+    def __init__(self):
+        super().__init__()
+        self.netConv1 = _basic(6, 32)
+        self.netConv2 = _basic(32, 64)
+        self.netConv3 = _basic(64, 128)
+        self.netConv4 = _basic(128, 256)
+        self.netConv5 = _basic(256, 512)
+        self.netDeconv5 = _basic(512, 512)
+        self.netDeconv4 = _basic(512, 256)
+        self.netDeconv3 = _basic(256, 128)
+        self.netDeconv2 = _basic(128, 64)
+        self.netUpsample5 = _upsample(512)
+        self.netUpsample4 = _upsample(256)
+        self.netUpsample3 = _upsample(128)
+        self.netUpsample2 = _upsample(64)
+        self.netVertical1 = _subnet()
+        self.netVertical2 = _subnet()
+        self.netHorizontal1 = _subnet()
+        self.netHorizontal2 = _subnet()
+
+    def kernels(self, one, two):
+        """Vertical1, horizontal1, vertical2, horizontal2 kernels, each N x 51 x H x W."""
+        pool = lambda x: F.avg_pool2d(x, kernel_size=2, stride=2)
+        conv1 = self.netConv1(torch.cat([one, two], 1))
+        conv2 = self.netConv2(pool(conv1))
+        conv3 = self.netConv3(pool(conv2))
+        conv4 = self.netConv4(pool(conv3))
+        conv5 = self.netConv5(pool(conv4))
+        deconv5 = self.netUpsample5(self.netDeconv5(pool(conv5)))
+        deconv4 = self.netUpsample4(self.netDeconv4(deconv5 + conv5))
+        deconv3 = self.netUpsample3(self.netDeconv3(deconv4 + conv4))
+        deconv2 = self.netUpsample2(self.netDeconv2(deconv3 + conv3))
+        combine = deconv2 + conv2
+        return (self.netVertical1(combine), self.netHorizontal1(combine),
+                self.netVertical2(combine), self.netHorizontal2(combine))
+
+    def forward(self, one, two):
+        """Middle frame of two N x 3 x H x W BGR frames in [0, 1] (H, W multiples of 32)."""
+        vertical1, horizontal1, vertical2, horizontal2 = self.kernels(one, two)
+        border = [KERNEL_SIZE // 2] * 4
+        return (sepconv(F.pad(one, border, mode='replicate'), vertical1, horizontal1)
+                + sepconv(F.pad(two, border, mode='replicate'), vertical2, horizontal2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+def weights_path(model):
+    if model not in MODELS:
+        raise InputError(f"unknown model '{model}' (choose from {', '.join(MODELS)})")
+    return os.path.join(WEIGHTS_DIR, f'network-{model}.safetensors')
+
+
+def load_state_dict(path):
+    """Our fp16 safetensors, or an original sepconv-slomo `.pytorch` state dict (keys 'moduleX')."""
+    if not os.path.isfile(path):
+        raise InputError(f'weights file not found: {path} (train one with train.py, or pass --weights '
+                         'PATH to a network-l1.pytorch / network-lf.pytorch from sepconv-slomo)')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise InputError(f'cannot read weights {path}: {str(error).splitlines()[0]}') from None
+    return {key.replace('module', 'net'): value.float() for key, value in state.items()}
+
+
+def load_network(model='l1', weights=None, device='cpu'):
+    """A Network in eval mode with the bundled `model` weights, or those at `weights`."""
+    network = Network()
+    path = weights or weights_path(model)
+    try:
+        network.load_state_dict(load_state_dict(path))
+    except RuntimeError as error:
+        raise InputError(f'{path} does not hold SepConv weights: {str(error).splitlines()[0]}') from None
+    return network.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation
+
+def resolve_device(name='auto'):
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise InputError('--device cuda was asked for, but no CUDA device is available')
+    if name not in ('cpu', 'cuda'):
+        raise InputError(f"unknown device '{name}' (choose from auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def estimate(network, one, two, padding='paper'):
+    """Middle frames of N x 3 x H x W RGB tensors in [0, 1], as the original run.py computes them."""
+    if padding not in PADDINGS:
+        raise InputError(f"unknown padding '{padding}' (choose from {', '.join(PADDINGS)})")
+    height, width = one.shape[-2:]
+    border = KERNEL_SIZE // 2 if padding == 'paper' else 0
+    right = math.ceil((width + 2 * border) / 128) * 128 - width - border
+    bottom = math.ceil((height + 2 * border) / 128) * 128 - height - border
+    pad = lambda x: F.pad(x.flip(1), [border, right, border, bottom], mode='replicate')
+    with torch.no_grad():
+        output = network(pad(one), pad(two))
+    return output[:, :, border:border + height, border:border + width].flip(1).clamp(0.0, 1.0)
+
+
+def interpolate(one, two, network=None, model='l1', padding='paper'):
+    """Middle frame between `one` and `two`.
+
+    Images are H x W x 3 RGB numpy arrays (uint8, or float in [0, 1]) or PIL images, giving the
+    same kind back; tensors are 3 x H x W or N x 3 x H x W RGB in [0, 1] and give a tensor back.
+    """
+    network = network or load_network(model, device=resolve_device())
+    device = next(network.parameters()).device
+    if isinstance(one, torch.Tensor):
+        batched = one.dim() == 4
+        one, two = (t if batched else t[None] for t in (one, two))
+        output = estimate(network, one.to(device).float(), two.to(device).float(), padding)
+        return output if batched else output[0]
+    arrays = [np.asarray(image) for image in (one, two)]
+    if arrays[0].shape != arrays[1].shape or arrays[0].ndim != 3 or arrays[0].shape[2] != 3:
+        raise InputError('interpolate expects two H x W x 3 images of the same size')
+    scale = 255.0 if arrays[0].dtype == np.uint8 else 1.0
+    tensors = [torch.from_numpy(a.astype(np.float32) / scale).permute(2, 0, 1)[None].to(device) for a in arrays]
+    output = estimate(network, *tensors, padding)[0].permute(1, 2, 0).cpu().numpy()
+    if scale == 1.0:
+        return output
+    output = (output * 255.0).round().astype(np.uint8)
+    return Image.fromarray(output) if isinstance(one, Image.Image) else output
