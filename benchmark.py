@@ -15,7 +15,7 @@ import numpy as np
 import skimage.metrics
 from tqdm import tqdm
 
-from media import read_image
+from media import atomic_output, check_writable, read_image
 from model import MODELS, PADDINGS, InputError, interpolate, load_network, resolve_device
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
@@ -40,6 +40,9 @@ def download_middlebury(target=CACHE_DIR, url=MIDDLEBURY_URL):
                     file.write(chunk)
                     bar.update(len(chunk))
             os.replace(path + '.part', path)
+        if not zipfile.is_zipfile(path):
+            os.remove(path)
+            raise InputError(f'{url + archive} did not give a zip archive (removed it; run again to retry)')
         with zipfile.ZipFile(path) as zip:
             for member in zip.namelist():
                 parts = member.split('/')
@@ -106,6 +109,8 @@ def main(argv=None):
     try:
         if args.padding not in PADDINGS:
             raise InputError(f"unknown padding '{args.padding}' (choose from {', '.join(PADDINGS)})")
+        if args.json:
+            check_writable(args.json)
         data = args.data or (CACHE_DIR if find_sequences(CACHE_DIR) else download_middlebury())
         network = None if args.model == 'blend' else load_network(args.model, args.weights, resolve_device(args.device))
         results = evaluate(network, data, args.padding)
@@ -117,10 +122,12 @@ def main(argv=None):
         return 2
     print(report(results, args.model, args.padding))
     if args.json:
-        with open(args.json, 'w') as file:
+        temporary = atomic_output(args.json)
+        with open(temporary, 'w') as file:
             json.dump({'model': args.model, 'padding': args.padding, 'sequences': results,
                        'mean': {key: mean(results, key) for key in ('psnr', 'ssim', 'blend_psnr', 'blend_ssim')}},
                       file, indent=2)
+        os.replace(temporary, args.json)
     print(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f}")
     return 0
 

@@ -109,7 +109,10 @@ def load_state_dict(path):
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
-        raise InputError(f'cannot read weights {path}: {str(error).splitlines()[0]}') from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f'cannot read weights {path}: {reason}') from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise InputError(f'{path} does not hold SepConv weights: expected a state dict of tensors')
     return {key.replace('module', 'net'): value.float() for key, value in state.items()}
 
 

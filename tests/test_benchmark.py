@@ -1,0 +1,201 @@
+import functools
+import glob
+import json
+import math
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import skimage.metrics
+from PIL import Image
+
+import benchmark
+from model import interpolate
+
+SEQUENCES = ['Beanbags', 'Dimetrodon', 'DogDance', 'Grove2', 'Grove3', 'Hydrangea', 'MiniCooper', 'RubberWhale',
+             'Urban2', 'Urban3', 'Venus', 'Walking']
+# tiny constant sequences for the fake archives: frame10, frame11 and ground-truth grey levels
+FAKE = {'Alpha': (0, 100, 60), 'Beta': (10, 30, 40)}
+
+
+def read(path):
+    return np.asarray(Image.open(path).convert('RGB'))
+
+
+def blend_scores(folder):
+    """Mean PSNR and SSIM of the average of frame10 and frame11, rounded half to even to uint8."""
+    psnrs, ssims = [], []
+    for truth_path in sorted(glob.glob(os.path.join(folder, '*', 'frame10i11.png'))):
+        sequence = os.path.dirname(truth_path)
+        one, two = (read(os.path.join(sequence, name)).astype(np.float64) for name in ('frame10.png', 'frame11.png'))
+        blend = np.rint((one + two) / 2).astype(np.uint8)
+        truth = read(truth_path)
+        psnrs.append(skimage.metrics.peak_signal_noise_ratio(truth, blend, data_range=255))
+        ssims.append(skimage.metrics.structural_similarity(truth, blend, data_range=255, channel_axis=2))
+    return np.mean(psnrs), np.mean(ssims)
+
+
+def output_lines(capsys):
+    captured = capsys.readouterr()
+    return captured.out.strip().splitlines(), captured.err.strip().splitlines()
+
+
+def test_blend_on_middlebury(middlebury, tmp_path, capsys):
+    path = tmp_path / 'blend.json'
+    assert benchmark.main(['--data', middlebury, '--model', 'blend', '--json', str(path)]) == 0
+    psnr, ssim = blend_scores(middlebury)
+    out, err = output_lines(capsys)
+    assert out[-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}' == 'mean PSNR 28.01 SSIM 0.804'
+    assert err == []
+    results = json.loads(path.read_text())
+    assert results['model'] == 'blend' and results['padding'] == 'paper'
+    assert sorted(results['sequences']) == SEQUENCES
+    assert results['mean'] == {'psnr': pytest.approx(psnr, abs=1e-9), 'ssim': pytest.approx(ssim, abs=1e-9),
+                               'blend_psnr': pytest.approx(psnr, abs=1e-9), 'blend_ssim': pytest.approx(ssim, abs=1e-9)}
+    for row in results['sequences'].values():
+        assert row['psnr'] == row['blend_psnr'] and row['ssim'] == row['blend_ssim']
+    assert results['sequences']['RubberWhale']['psnr'] == pytest.approx(38.64, abs=0.005)
+
+
+def test_random_weights_end_to_end(middlebury, random_weights, random_network, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(os.path.join(middlebury, 'Venus'), data / 'Venus')
+    path = tmp_path / 'out' / 'random.json'
+    argv = ['--data', str(data), '--weights', random_weights, '--padding', 'improved', '--device', 'cpu',
+            '--json', str(path)]
+    assert benchmark.main(argv) == 0
+    one, two, truth = (read(data / 'Venus' / name) for name in ('frame10.png', 'frame11.png', 'frame10i11.png'))
+    estimate = interpolate(one, two, random_network, padding='improved')
+    psnr = skimage.metrics.peak_signal_noise_ratio(truth, estimate, data_range=255)
+    ssim = skimage.metrics.structural_similarity(truth, estimate, data_range=255, channel_axis=2)
+    out, _ = output_lines(capsys)
+    assert out[-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}'
+    assert out[-2].split() == ['ours', 'l1/improved', f'{psnr:.2f}', f'{ssim:.3f}']
+    results = json.loads(path.read_text())
+    venus = results['sequences']['Venus']
+    assert list(results['sequences']) == ['Venus'] and results['padding'] == 'improved'
+    assert (venus['psnr'], venus['ssim']) == (pytest.approx(psnr, abs=1e-9), pytest.approx(ssim, abs=1e-9))
+    assert (venus['blend_psnr'], venus['blend_ssim']) == pytest.approx(blend_scores(data), abs=1e-9)
+
+
+@pytest.fixture
+def fake_server(tmp_path):
+    """A folder with tiny other-data.zip and other-gt-interp.zip in the official layout."""
+    server = tmp_path / 'server'
+    server.mkdir()
+    with zipfile.ZipFile(server / 'other-data.zip', 'w') as data, \
+            zipfile.ZipFile(server / 'other-gt-interp.zip', 'w') as truth:
+        data.writestr('other-data/README.txt', 'not a frame')
+        for name, (first, second, middle) in FAKE.items():
+            data.writestr(f'other-data/{name}/', '')
+            for frame, level in (('frame07', first), ('frame10', first), ('frame11', second), ('frame14', second)):
+                data.writestr(f'other-data/{name}/{frame}.png', png_bytes(tmp_path, level))
+            truth.writestr(f'other-gt-interp/{name}/frame10i11.png', png_bytes(tmp_path, middle))
+    return server
+
+
+def png_bytes(tmp_path, level):
+    path = tmp_path / f'{level}.png'
+    Image.fromarray(np.full((12, 16, 3), level, np.uint8)).save(path)
+    return path.read_bytes()
+
+
+def fake_scores():
+    """PSNR and SSIM of the blend for FAKE, from their closed forms for constant images."""
+    psnrs, ssims = [], []
+    for first, second, middle in FAKE.values():
+        blend = (first + second) / 2
+        psnrs.append(10 * math.log10(255 ** 2 / (blend - middle) ** 2))
+        c1 = (0.01 * 255) ** 2
+        ssims.append((2 * blend * middle + c1) / (blend ** 2 + middle ** 2 + c1))
+    return np.mean(psnrs), np.mean(ssims)
+
+
+def test_download_middlebury_from_local_archives(fake_server, tmp_path, capsys):
+    target = tmp_path / 'cache'
+    url = fake_server.as_uri() + '/'
+    assert benchmark.download_middlebury(str(target), url) == str(target)
+    sequences = benchmark.find_sequences(str(target))
+    assert [name for name, *_ in sequences] == ['Alpha', 'Beta']
+    for name, first, second, truth in sequences:
+        assert [read(path)[0, 0, 0] for path in (first, second, truth)] == list(FAKE[name])
+    assert sorted(os.listdir(target / 'Alpha')) == ['frame10.png', 'frame10i11.png', 'frame11.png']
+    assert sorted(os.listdir(target)) == ['Alpha', 'Beta', 'other-data.zip', 'other-gt-interp.zip']
+
+    shutil.rmtree(fake_server)  # the archives are kept: a second call does not download again
+    shutil.rmtree(target / 'Beta')
+    benchmark.download_middlebury(str(target), url)
+    assert len(benchmark.find_sequences(str(target))) == 2
+
+    assert benchmark.main(['--data', str(target), '--model', 'blend']) == 0
+    psnr, ssim = fake_scores()
+    assert output_lines(capsys)[0][-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}' == 'mean PSNR 25.12 SSIM 0.892'
+
+
+def use_server(monkeypatch, cache, server):
+    """Point main's default data (cache folder and download URL) at local folders."""
+    monkeypatch.setattr(benchmark, 'CACHE_DIR', str(cache))
+    monkeypatch.setattr(benchmark, 'download_middlebury', functools.partial(
+        benchmark.download_middlebury, str(cache), server.as_uri() + '/'))
+
+
+def test_main_downloads_when_the_cache_is_empty(fake_server, tmp_path, monkeypatch, capsys):
+    use_server(monkeypatch, tmp_path / 'cache', fake_server)
+    assert benchmark.main(['--model', 'blend']) == 0
+    assert output_lines(capsys)[0][-1] == 'mean PSNR 25.12 SSIM 0.892'
+    assert (tmp_path / 'cache' / 'Beta' / 'frame10i11.png').is_file()
+
+
+def assert_one_error_line(capsys, *fragments):
+    """Nothing on stdout; on stderr one error line, last (after any download progress bars)."""
+    out, err = output_lines(capsys)
+    errors = [line for line in err if line.startswith('error: ')]
+    assert out == [] and errors == err[-1:]
+    assert all(fragment in errors[0] for fragment in fragments)
+
+
+def test_failed_download_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    use_server(monkeypatch, tmp_path / 'cache', tmp_path / 'nowhere')
+    assert benchmark.main(['--model', 'blend']) == 2
+    assert_one_error_line(capsys, 'cannot get the Middlebury data', 'other-data.zip')
+    assert os.listdir(tmp_path / 'cache') == []
+
+
+def test_a_download_that_is_not_a_zip_is_removed(tmp_path, monkeypatch, capsys):
+    server = tmp_path / 'server'
+    server.mkdir()
+    (server / 'other-data.zip').write_text('<html>captive portal</html>')
+    use_server(monkeypatch, tmp_path / 'cache', server)
+    assert benchmark.main(['--model', 'blend']) == 2
+    assert_one_error_line(capsys, 'did not give a zip archive')
+    assert os.listdir(tmp_path / 'cache') == []
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    missing = str(tmp_path / 'no-such-folder')
+    assert benchmark.main(['--data', missing, '--model', 'blend']) == 2
+    assert_one_error_line(capsys, missing)
+
+
+def test_unknown_padding(tmp_path, capsys):
+    assert benchmark.main(['--data', str(tmp_path), '--model', 'blend', '--padding', 'same']) == 2
+    assert_one_error_line(capsys, "unknown padding 'same'")
+
+
+def test_unknown_model(tmp_path, capsys):
+    assert benchmark.main(['--data', str(tmp_path), '--model', 'l2']) == 2
+    assert_one_error_line(capsys, "unknown model 'l2'")
+
+
+def test_missing_weights(tmp_path, capsys):
+    missing = str(tmp_path / 'network.safetensors')
+    assert benchmark.main(['--data', str(tmp_path), '--weights', missing]) == 2
+    assert_one_error_line(capsys, missing)
+
+
+def test_json_path_that_is_a_folder_fails_before_the_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    assert benchmark.main(['--data', str(tmp_path), '--model', 'blend', '--json', str(tmp_path)]) == 2
+    assert_one_error_line(capsys, 'output path is a directory')
