@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sepconv import sepconv
+from sepconv import sepconv_pair
 
 KERNEL_SIZE = 51
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
 MODELS = ('l1', 'lf')
 PADDINGS = ('paper', 'improved')
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 class InputError(ValueError):
@@ -84,8 +85,8 @@ class Network(torch.nn.Module):
         """Middle frame of two N x 3 x H x W BGR frames in [0, 1] (H, W multiples of 32)."""
         vertical1, horizontal1, vertical2, horizontal2 = self.kernels(one, two)
         border = [KERNEL_SIZE // 2] * 4
-        return (sepconv(F.pad(one, border, mode='replicate'), vertical1, horizontal1)
-                + sepconv(F.pad(two, border, mode='replicate'), vertical2, horizontal2))
+        return sepconv_pair(F.pad(one, border, mode='replicate'), vertical1, horizontal1,
+                            F.pad(two, border, mode='replicate'), vertical2, horizontal2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,17 +141,31 @@ def resolve_device(name='auto'):
     return torch.device(name)
 
 
-def estimate(network, one, two, padding='paper'):
-    """Middle frames of N x 3 x H x W RGB tensors in [0, 1], as the original run.py computes them."""
+def estimate(network, one, two, padding='paper', precision='fp32', channels_last=False, cudnn_benchmark=False):
+    """Middle frames of N x 3 x H x W RGB tensors in [0, 1], as the original run.py computes them.
+
+    Speed options, meant for CUDA (the defaults compute exactly as before): precision 'bf16' or 'fp16'
+    runs the network under autocast (sepconv still accumulates in fp32); channels_last converts the
+    network (in place) and its inputs to NHWC, which tensor-core convolutions prefer; cudnn_benchmark
+    sets torch.backends.cudnn.benchmark, process-wide, to time cuDNN's algorithms per input shape.
+    """
     if padding not in PADDINGS:
         raise InputError(f"unknown padding '{padding}' (choose from {', '.join(PADDINGS)})")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
     height, width = one.shape[-2:]
     border = KERNEL_SIZE // 2 if padding == 'paper' else 0
     right = math.ceil((width + 2 * border) / 128) * 128 - width - border
     bottom = math.ceil((height + 2 * border) / 128) * 128 - height - border
     pad = lambda x: F.pad(x.flip(1), [border, right, border, bottom], mode='replicate')
-    with torch.no_grad():
-        output = network(pad(one), pad(two))
+    one, two = pad(one), pad(two)
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+        one, two = (x.contiguous(memory_format=torch.channels_last) for x in (one, two))
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    with torch.no_grad(), torch.autocast(one.device.type, PRECISIONS[precision], enabled=precision != 'fp32'):
+        output = network(one, two)
     return output[:, :, border:border + height, border:border + width].flip(1).clamp(0.0, 1.0)
 
 

@@ -1,48 +1,108 @@
-"""Interpolate the middle frame of an image pair: python run.py --one A.png --two B.png --out C.png"""
+"""SepConv frame interpolation from the command line.
+
+Pair mode:  python run.py --one A.png --two B.png --out middle.png
+Video mode: python run.py --video in.mp4 --out out.mp4 [--factor 2|4|8] [--fps F | --slowmo]
+"""
 import argparse
 import os
 import sys
 
-from media import check_image_output, read_image, write_image
+from media import (check_image_output, check_memory, image_size, interpolate_video, read_image,
+                   write_image)
 from model import MODELS, PADDINGS, InputError, interpolate, load_network, resolve_device
+
+VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'no_scene_detect', 'batch_size')
+
+EXAMPLES = """examples:
+  python run.py --one images/one.png --two images/two.png --out middle.png
+  python run.py --video videos/bunny.mp4 --out bunny-25fps.mp4
+  python run.py --video videos/bunny.mp4 --out bunny-slow.mp4 --factor 4 --slowmo
+  python run.py --video frames/ --out frames-x2/      (folders of images in, numbered PNGs out)
+
+In video mode the output keeps every input frame and adds factor - 1 between each pair, at
+factor x the input frame rate (same duration, audio kept). Frame folders count as 25 fps.
+"""
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='SepConv video frame interpolation (Niklaus et al., ICCV 2017).')
-    parser.add_argument('--one', help='first frame (image)')
-    parser.add_argument('--two', help='second frame (image)')
-    parser.add_argument('--out', required=True, help='output image')
-    parser.add_argument('--model', default='l1', help=f"bundled weights: {' or '.join(MODELS)} (default l1)")
-    parser.add_argument('--weights', help='weights file instead of the bundled ones (.safetensors, or an '
+    parser = argparse.ArgumentParser(
+        usage='%(prog)s --one A --two B --out C [options]                              (pair mode)\n'
+              '       %(prog)s --video IN --out OUT [--factor N] [--fps F | --slowmo] [options]  (video mode)',
+        description='SepConv video frame interpolation (Niklaus et al., ICCV 2017): the middle frame of '
+                    'an image pair, or a video (or folder of frames) at a higher frame rate.',
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pair = parser.add_argument_group('pair mode')
+    pair.add_argument('--one', metavar='A', help='first frame (image)')
+    pair.add_argument('--two', metavar='B', help='second frame (image)')
+    video = parser.add_argument_group('video mode')
+    video.add_argument('--video', metavar='IN', help='input video file, or folder of frames (natural name order)')
+    video.add_argument('--factor', type=int, metavar='N', help='frames out per frame in: 2, 4, 8, ... (default 2)')
+    video.add_argument('--fps', type=float, metavar='F', help='output frame rate (default: factor x the input rate)')
+    video.add_argument('--slowmo', action='store_true', help='keep the input frame rate: factor x slower, '
+                                                              'audio dropped')
+    video.add_argument('--no-scene-detect', action='store_true', help='interpolate across scene cuts too '
+                                                                      '(default: repeat the frame before a cut)')
+    video.add_argument('--batch-size', type=int, metavar='N',
+                       help='frame pairs per network call (default: 1 on the CPU, what fits in GPU memory up to 8)')
+    common = parser.add_argument_group('both modes')
+    common.add_argument('--out', required=True, help='pair mode: output image; video mode: output video '
+                                                     '(.mp4, .mkv, .mov) or folder for PNG frames')
+    common.add_argument('--model', default='l1', help=f"bundled weights: {' or '.join(MODELS)} (default l1)")
+    common.add_argument('--weights', help='weights file instead of the bundled ones (.safetensors, or an '
                                           'original sepconv-slomo .pytorch state dict)')
-    parser.add_argument('--padding', default='paper', help=f"{' or '.join(PADDINGS)} (default paper)")
-    parser.add_argument('--device', default='auto', help='auto, cpu or cuda (default auto)')
+    common.add_argument('--padding', default='paper', help=f"{' or '.join(PADDINGS)} (default paper)")
+    common.add_argument('--device', default='auto', help='auto, cpu or cuda (default auto)')
     return parser.parse_args(argv)
 
 
 def run_pair(args):
     if not (args.one and args.two):
-        raise InputError('pair mode needs both --one and --two')
+        raise InputError('give --one and --two (pair mode) or --video (video mode)')
+    used = [f"--{name.replace('_', '-')}" for name in VIDEO_OPTIONS if getattr(args, name) not in (None, False)]
+    if used:
+        raise InputError(f"video-mode options without --video: {', '.join(used)}")
     if os.path.abspath(args.out) in (os.path.abspath(args.one), os.path.abspath(args.two)):
         raise InputError(f'output {args.out} would overwrite an input')
     check_image_output(args.out)
+    size_one, size_two = image_size(args.one), image_size(args.two)
+    if size_one != size_two:
+        raise InputError(f'frames differ in size: {args.one} is {size_one[0]}x{size_one[1]}, '
+                         f'{args.two} is {size_two[0]}x{size_two[1]}')
+    device = resolve_device(args.device)
+    check_memory(*size_one, device, args.padding)
     one, two = read_image(args.one), read_image(args.two)
-    if one.shape != two.shape:
-        raise InputError(f'frames differ in size: {args.one} is {one.shape[1]}x{one.shape[0]}, '
-                         f'{args.two} is {two.shape[1]}x{two.shape[0]}')
-    network = load_network(args.model, args.weights, resolve_device(args.device))
+    network = load_network(args.model, args.weights, device)
     write_image(args.out, interpolate(one, two, network, padding=args.padding))
+
+
+def run_video(args):
+    if args.one or args.two:
+        raise InputError('give either --video or --one/--two, not both')
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f'--batch-size must be at least 1, got {args.batch_size}')
+    interpolate_video(args.video, args.out, model=args.model, weights=args.weights,
+                      factor=2 if args.factor is None else args.factor, fps=args.fps, slowmo=args.slowmo,
+                      scene_detect=not args.no_scene_detect, padding=args.padding, device=args.device,
+                      batch_size=args.batch_size)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if args.model not in MODELS:
+            raise InputError(f"unknown model '{args.model}' (choose from {', '.join(MODELS)})")
         if args.padding not in PADDINGS:
             raise InputError(f"unknown padding '{args.padding}' (choose from {', '.join(PADDINGS)})")
-        run_pair(args)
+        if args.video:
+            run_video(args)
+        else:
+            run_pair(args)
     except InputError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('error: interrupted; no output written', file=sys.stderr)
+        return 130
     return 0
 
 

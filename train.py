@@ -22,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from media import IMAGE_EXTENSIONS, read_image, scene_cut
+from benchmark import evaluate, mean
+import media
+from media import IMAGE_EXTENSIONS, scene_cut
 from model import InputError, Network, load_state_dict
 
 VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.avi', '.mov', '.webm')
+CACHE_VERSION = 2  # bump when patch extraction (or the scene-cut test it uses) changes
 VGG_MEAN, VGG_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -83,25 +86,16 @@ def find_sources(paths):
 
 
 def read_frames(source):
-    """Yield uint8 RGB frames one at a time: a frame folder, or a video via ffmpeg (else OpenCV)."""
-    if os.path.isdir(source):
-        for name in sorted(os.listdir(source)):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                yield read_image(os.path.join(source, name))
+    """Yield uint8 RGB frames one at a time from a video or frame folder (videos via OpenCV where
+    imageio-ffmpeg is missing, as on some GPU machines)."""
+    if os.path.isdir(source) or media.imageio_ffmpeg is not None:
+        yield from media.FrameSource(source)
         return
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        import cv2
-        capture = cv2.VideoCapture(source)
-        while (frame := capture.read()[1]) is not None:
-            yield np.ascontiguousarray(frame[:, :, ::-1])
-        capture.release()
-        return
-    reader = imageio_ffmpeg.read_frames(source)
-    width, height = next(reader)['size']
-    for buffer in reader:
-        yield np.frombuffer(buffer, np.uint8).reshape(height, width, 3)
+    import cv2
+    capture = cv2.VideoCapture(source)
+    while (frame := capture.read()[1]) is not None:
+        yield np.ascontiguousarray(frame[:, :, ::-1])
+    capture.release()
 
 
 def extract_patches(frames, args, rng):
@@ -133,8 +127,9 @@ def extract_patches(frames, args, rng):
 def cached_patches(source, args):
     """Patches of one source, extracted once into args.cache and memory-mapped after that."""
     stat = os.stat(source)
-    key = json.dumps([os.path.abspath(source), stat.st_size, stat.st_mtime, args.patch, args.strides,
-                      args.min_motion, args.crops, args.max_per_video, args.seed])
+    key = json.dumps([CACHE_VERSION, media.SCENE_CUT_THRESHOLD, os.path.abspath(source), stat.st_size,
+                      stat.st_mtime, args.patch, args.strides, args.min_motion, args.crops, args.max_per_video,
+                      args.seed])
     path = os.path.join(args.cache, f'{os.path.basename(source.rstrip("/"))}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy')
     if not os.path.exists(path):
         os.makedirs(args.cache, exist_ok=True)
@@ -211,13 +206,19 @@ def load_data(args, is_main):
 # ---------------------------------------------------------------------------------------------
 # Model, losses, checkpoints
 
-def blend_init(network):
-    """Start each kernel head at a centre tap of sqrt(0.5), so the untrained network outputs the blend."""
+def init_weights(network):
+    """He-normal convolutions (PyTorch's default init shrinks activations ~3x per layer, so after 20
+    layers the kernels barely depend on the input and training sits at the blend for thousands of
+    steps); each kernel head starts near a centre tap of sqrt(0.5), so the untrained network outputs
+    the blend of the two frames."""
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity='relu')
+            torch.nn.init.zeros_(module.bias)
     for head in (network.netVertical1, network.netHorizontal1, network.netVertical2, network.netHorizontal2):
         final = head[-1]
         with torch.no_grad():
-            final.weight.mul_(0.1)
-            final.bias.zero_()
+            final.weight.mul_(0.01)
             final.bias[final.bias.numel() // 2] = math.sqrt(0.5)
 
 
@@ -369,7 +370,7 @@ def train(args):
     if args.init:
         network.load_state_dict(load_state_dict(args.init))
     else:
-        blend_init(network)
+        init_weights(network)
     vgg = load_vgg(args.vgg_weights).to(device) if args.loss == 'lf' else None
     optimizer = torch.optim.Adamax(network.parameters(), lr=args.lr, betas=tuple(args.betas))
     os.makedirs(args.out, exist_ok=True)
@@ -381,9 +382,11 @@ def train(args):
                                          num_workers=args.workers, pin_memory=device.type == 'cuda',
                                          persistent_workers=args.workers > 0)
     log_path = os.path.join(args.out, 'log.csv')
-    if is_main and not os.path.exists(log_path):
-        with open(log_path, 'w') as file:
+    if is_main:
+        rows = open(log_path).read().splitlines()[1:] if os.path.exists(log_path) else []
+        with open(log_path, 'w') as file:  # rows past the checkpoint are from a run that died; drop them
             file.write('step,loss,samples_per_s,val_l1,val_psnr,middlebury_psnr,middlebury_ssim\n')
+            file.writelines(row + '\n' for row in rows if int(row.split(',')[0]) <= step)
 
     started, tick = time.time(), time.time()
     progress = tqdm(total=args.max_steps, initial=step, desc=f'train {args.loss}', disable=not is_main)
@@ -410,7 +413,6 @@ def train(args):
             val_l1, val_psnr = validate(network, val_set, device, args.batch)
             row[3:5] = f'{val_l1:.5f}', f'{val_psnr:.3f}'
             if args.middlebury:
-                from benchmark import evaluate, mean
                 network.eval()
                 results = evaluate(network, args.middlebury)
                 network.train()

@@ -232,3 +232,19 @@ def test_padding_matches_the_original(random_network, padding, height, width):
     one, two = (to_tensor(frame) for frame in random_frames(height, width))
     expected = original_estimate(random_network, one, two, padding)
     assert torch.equal(interpolate(one, two, random_network, padding=padding), expected)
+
+
+def test_speed_options_stay_close_to_fp32(random_network):
+    one, two = torch.rand(1, 3, 40, 56), torch.rand(1, 3, 40, 56)
+    reference = estimate(random_network, one, two)
+    assert torch.equal(estimate(random_network, one, two, precision='fp32'), reference)
+    bf16 = estimate(random_network, one, two, precision='bf16')
+    assert bf16.dtype == torch.float32 and 0 < (bf16 - reference).abs().max() < 2e-3
+    network = copy.deepcopy(random_network)
+    assert (estimate(network, one, two, channels_last=True) - reference).abs().max() < 1e-5
+    assert network.netConv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_unknown_precision_is_an_input_error(random_network):
+    with pytest.raises(InputError, match=r"unknown precision 'fp8' \(choose from fp32, bf16, fp16\)"):
+        estimate(random_network, torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), precision='fp8')

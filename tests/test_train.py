@@ -70,7 +70,7 @@ def test_triplets_are_deterministic_and_bgr():
 def test_training_steps_reduce_the_loss():
     torch.manual_seed(0)
     network = Network()
-    train.blend_init(network)
+    train.init_weights(network)
     frames = moving_pattern(frames=3, size=32, speed=2)
     batch = [torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1) / 255 for f in frames]
     one, middle, two = batch
@@ -106,6 +106,8 @@ def run_args(frames_dir, tmp_path, out, steps, *extra):
 def test_resume_matches_an_uninterrupted_run(frames_dir, tmp_path):
     assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'straight', 4)) == 0
     assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'split', 2)) == 0
+    with open(tmp_path / 'split' / 'log.csv', 'a') as log:
+        log.write('3,0.5,1.0,,,,\n')  # a step logged by a run that died before its checkpoint
     assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'split', 4, '--resume', 'auto')) == 0
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=False)
     split = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=False)
@@ -114,7 +116,8 @@ def test_resume_matches_an_uninterrupted_run(frames_dir, tmp_path):
         assert torch.equal(value, split['model'][key]), key
     assert (tmp_path / 'split' / 'loss.png').stat().st_size > 0
     log = (tmp_path / 'split' / 'log.csv').read_text().splitlines()
-    assert log[0].startswith('step,loss') and len(log) == 5
+    assert log[0].startswith('step,loss') and [row.split(',')[0] for row in log[1:]] == ['1', '2', '3', '4']
+    assert log[3].split(',')[1] != '0.5'
 
 
 def test_export_round_trips(frames_dir, tmp_path):
