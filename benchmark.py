@@ -63,9 +63,9 @@ def download_middlebury(target=CACHE_DIR, url=MIDDLEBURY_URL):
 
 def find_sequences(data):
     """(name, frame10, frame11, frame10i11) for every complete sequence in `data`."""
-    truths = sorted(glob.glob(os.path.join(data, '*', 'frame10i11.png')))
-    return [(os.path.basename(os.path.dirname(truth)), truth.replace('frame10i11', 'frame10'),
-             truth.replace('frame10i11', 'frame11'), truth) for truth in truths]
+    folders = sorted(os.path.dirname(truth) for truth in glob.glob(os.path.join(data, '*', 'frame10i11.png')))
+    paths = [[os.path.join(folder, f'{name}.png') for name in ('frame10', 'frame11', 'frame10i11')] for folder in folders]
+    return [(os.path.basename(folder), *files) for folder, files in zip(folders, paths) if all(map(os.path.isfile, files))]
 
 
 def score(truth, estimate):
@@ -328,12 +328,8 @@ def main(argv=None):
         return 2
     print(report(results, args.model, args.padding))
     if args.json:
-        temporary = atomic_output(args.json)
-        with open(temporary, 'w') as file:
-            json.dump({'model': args.model, 'padding': args.padding, 'sequences': results,
-                       'mean': {key: mean(results, key) for key in ('psnr', 'ssim', 'blend_psnr', 'blend_ssim')}},
-                      file, indent=2)
-        os.replace(temporary, args.json)
+        write_json(args.json, {'model': args.model, 'padding': args.padding, 'sequences': results,
+                               'mean': {key: mean(results, key) for key in ('psnr', 'ssim', 'blend_psnr', 'blend_ssim')}})
     print(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f}")
     return 0
 

@@ -70,6 +70,8 @@ def read_image(path):
             if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
                 image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
             return np.asarray(image.convert('RGB'))
+    except InputError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise InputError(f'cannot read image {path}: {str(error).splitlines()[0] or type(error).__name__}') from None
 
@@ -395,9 +397,12 @@ def check_video_output(path, source):
     folder = os.path.abspath(path)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise InputError(f'output {path} exists and is not a folder')
-    if os.path.isdir(folder) and os.listdir(folder):
+    if not os.path.isdir(folder):
+        check_writable(folder)
+    elif os.listdir(folder):
         raise InputError(f'output folder is not empty: {path}')
-    check_writable(folder)
+    elif not os.access(folder, os.W_OK):
+        raise InputError(f'output folder is not writable: {path}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +461,8 @@ def interpolate_frames(frames, network, factor=2, padding='paper', batch_size=1,
 
 def _output_rate(clip, factor, fps, slowmo, to_folder):
     """The output frame rate, and whether the input's audio goes along (only if the duration is kept)."""
-    if fps is not None and fps <= 0:
-        raise InputError(f'--fps must be positive, got {fps}')
+    if fps is not None and not 0 < fps < math.inf:
+        raise InputError(f'--fps must be a positive number, got {fps}')
     if fps is not None and slowmo:
         raise InputError('--fps and --slowmo exclude each other')
     source_fps = clip.fps or FOLDER_FPS

@@ -121,10 +121,13 @@ def load_network(model='l1', weights=None, device='cpu'):
     """A Network in eval mode with the bundled `model` weights, or those at `weights`."""
     network = Network()
     path = weights or weights_path(model)
-    try:
-        network.load_state_dict(load_state_dict(path))
-    except RuntimeError as error:
-        raise InputError(f'{path} does not hold SepConv weights: {str(error).splitlines()[0]}') from None
+    state, expected = load_state_dict(path), network.state_dict()
+    wrong = sorted(expected.keys() ^ state.keys()) + [key for key in expected.keys() & state.keys()
+                                                       if state[key].shape != expected[key].shape]
+    if wrong:
+        raise InputError(f'{path} does not hold SepConv weights: {len(wrong)} tensors missing, unexpected '
+                         f'or of the wrong shape (e.g. {wrong[0]})')
+    network.load_state_dict(state)
     return network.to(device).eval()
 
 

@@ -25,10 +25,11 @@ from tqdm import tqdm
 from benchmark import evaluate, mean
 import media
 from media import IMAGE_EXTENSIONS, scene_cut
-from model import InputError, Network, load_state_dict
+from model import InputError, Network, load_network
 
 VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.avi', '.mov', '.webm')
 CACHE_VERSION = 2  # bump when patch extraction (or the scene-cut test it uses) changes
+HEAD_FEATURE_SCALE = 0.02  # see init_weights
 VGG_MEAN, VGG_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -135,8 +136,9 @@ def cached_patches(source, args):
         os.makedirs(args.cache, exist_ok=True)
         rng = np.random.default_rng([args.seed, int(hashlib.sha1(source.encode()).hexdigest()[:8], 16)])
         patches = extract_patches(read_frames(source), args, rng)
-        np.save(path + '.part.npy', patches)
-        os.replace(path + '.part.npy', path)
+        part = f'{path}.{os.getpid()}.part.npy'  # several DDP processes may extract at once
+        np.save(part, patches)
+        os.replace(part, path)
     return np.load(path, mmap_mode='r')
 
 
@@ -207,19 +209,20 @@ def load_data(args, is_main):
 # Model, losses, checkpoints
 
 def init_weights(network):
-    """He-normal convolutions (PyTorch's default init shrinks activations ~3x per layer, so after 20
-    layers the kernels barely depend on the input and training sits at the blend for thousands of
-    steps); each kernel head starts near a centre tap of sqrt(0.5), so the untrained network outputs
-    the blend of the two frames."""
+    """He-normal convolutions, so the kernels depend on the input from the start (PyTorch's default
+    init shrinks activations ~3x per layer: after 20 layers every pixel gets the same kernels and
+    training sits at the blend). The heads' last ReLU layer is scaled down, as every tap sums ~460 of
+    its non-negative outputs (an update of lr to each weight would otherwise move each tap by ~600 lr),
+    and each final layer starts at zero weights and a centre tap of sqrt(0.5): the blend of the frames."""
     for module in network.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity='relu')
             torch.nn.init.zeros_(module.bias)
     for head in (network.netVertical1, network.netHorizontal1, network.netVertical2, network.netHorizontal2):
-        final = head[-1]
         with torch.no_grad():
-            final.weight.mul_(0.01)
-            final.bias[final.bias.numel() // 2] = math.sqrt(0.5)
+            head[4].weight.mul_(HEAD_FEATURE_SCALE)
+            head[-1].weight.zero_()
+            head[-1].bias[head[-1].bias.numel() // 2] = math.sqrt(0.5)
 
 
 def vgg19_relu4_4():
@@ -238,9 +241,12 @@ def load_vgg(path=None):
     """ImageNet VGG-19 to relu4_4 from a torchvision-format state dict, else from torchvision."""
     vgg = vgg19_relu4_4()
     if path:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        vgg.load_state_dict({k.removeprefix('features.'): v for k, v in state.items()
-                             if k.startswith('features.') and int(k.split('.')[1]) < len(vgg)})
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+            vgg.load_state_dict({k.removeprefix('features.'): v for k, v in state.items()
+                                 if k.startswith('features.') and int(k.split('.')[1]) < len(vgg)})
+        except Exception:
+            raise InputError(f'{path} does not hold torchvision VGG-19 weights (features.N.weight, ...)') from None
         return vgg
     try:
         import torchvision
@@ -268,8 +274,18 @@ def save_checkpoint(path, network, optimizer, step, args):
     os.replace(path + '.part', path)
 
 
+def read_checkpoint(path):
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=False)
+        return state if {'model', 'optimizer', 'step', 'config', 'rng'} <= state.keys() else None
+    except Exception:
+        return None
+
+
 def load_checkpoint(path, network, optimizer):
-    state = torch.load(path, map_location='cpu', weights_only=False)
+    state = read_checkpoint(path)
+    if state is None:
+        raise InputError(f'{path} is not a train.py checkpoint')
     network.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
     torch.set_rng_state(state['rng']['torch'])
@@ -282,7 +298,9 @@ def load_checkpoint(path, network, optimizer):
 
 def export(checkpoint, target):
     from safetensors.torch import save_file
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state = read_checkpoint(checkpoint)
+    if state is None:
+        raise InputError(f'{checkpoint} is not a train.py checkpoint')
     weights = {k: v.half().contiguous() for k, v in state['model'].items()}
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     save_file(weights, target + '.part', metadata={'step': str(state['step']), 'loss': state['config']['loss']})
@@ -365,13 +383,13 @@ def train(args):
     np.random.seed(args.seed)
     random.seed(args.seed)
 
-    train_set, val_set = load_data(args, is_main)
-    network = Network().to(device)
     if args.init:
-        network.load_state_dict(load_state_dict(args.init))
+        network = load_network(weights=args.init).to(device)
     else:
+        network = Network().to(device)
         init_weights(network)
     vgg = load_vgg(args.vgg_weights).to(device) if args.loss == 'lf' else None
+    train_set, val_set = load_data(args, is_main)
     optimizer = torch.optim.Adamax(network.parameters(), lr=args.lr, betas=tuple(args.betas))
     os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, 'ckpt.pt')
@@ -430,9 +448,25 @@ def train(args):
         torch.distributed.destroy_process_group()
 
 
+def check_args(args):
+    for name in ('batch', 'ckpt_every', 'eval_every', 'max_steps', 'crops', 'max_per_video'):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.crop < 32 or args.crop % 32 or args.crop > args.patch:
+        raise InputError(f'--crop must be a multiple of 32 (the network pools 5 times) and at most --patch '
+                         f'{args.patch}, got {args.crop}')
+    if not 0 < args.lr < math.inf:
+        raise InputError(f'--lr must be a positive number, got {args.lr}')
+    for path in (args.init, args.vgg_weights, args.export and args.export[0],
+                 args.resume if args.resume != 'auto' else None):
+        if path and not os.path.isfile(path):
+            raise InputError(f'no such file: {path}')
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         if args.export:
             export(*args.export)
         else:

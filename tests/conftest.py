@@ -1,6 +1,7 @@
-"""Shared fixtures: the read-only shared data and a randomly initialised network with its weights file."""
+"""Shared fixtures (the read-only shared data, a randomly initialised network and its weights file) and test frames."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -38,3 +39,15 @@ def random_weights(tmp_path_factory):
 @pytest.fixture(scope='session')
 def random_network(random_weights):
     return load_network(weights=random_weights)
+
+
+def moving_square(count, height=48, width=64):
+    """A colour gradient with a yellow square moving 6 pixels right per frame."""
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 96)], -1)
+    frames = []
+    for index in range(count):
+        frame = base.astype(np.uint8)
+        frame[height // 4:height // 4 + 12, 8 + 6 * index:20 + 6 * index] = (250, 240, 30)
+        frames.append(frame)
+    return frames

@@ -132,6 +132,8 @@ def test_download_middlebury_from_local_archives(fake_server, tmp_path, capsys):
     assert benchmark.main(['--data', str(target), '--model', 'blend']) == 0
     psnr, ssim = fake_scores()
     assert output_lines(capsys)[0][-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}' == 'mean PSNR 25.12 SSIM 0.892'
+    (target / 'Beta' / 'frame11.png').unlink()
+    assert [name for name, *_ in benchmark.find_sequences(str(target))] == ['Alpha']  # incomplete: skipped
 
 
 def use_server(monkeypatch, cache, server):

@@ -13,6 +13,7 @@ from PIL import Image
 import media
 from media import (SCENE_CUT_THRESHOLD, FrameFolderWriter, FrameSource, VideoWriter, check_factor, check_memory,
                    frame_paths, interpolate_frames, interpolate_video, network_memory, scene_cut, scene_distance)
+from conftest import moving_square
 from model import InputError
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
@@ -29,18 +30,6 @@ class Average(torch.nn.Module):
 
     def forward(self, one, two):
         return (one + two) / 2
-
-
-def moving_square(count, height=48, width=64):
-    """A colour gradient with a yellow square moving 6 pixels right per frame."""
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 96)], -1)
-    frames = []
-    for index in range(count):
-        frame = base.astype(np.uint8)
-        frame[height // 4:height // 4 + 12, 8 + 6 * index:20 + 6 * index] = (250, 240, 30)
-        frames.append(frame)
-    return frames
 
 
 def encode(path, frames, fps=10, audio=False, faststart=False):

@@ -12,22 +12,11 @@ from PIL import Image
 import media
 import run
 from media import FrameSource
+from conftest import moving_square
 from model import interpolate
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def frames(count, height=48, width=64):
-    """A colour gradient with a yellow square moving 6 pixels right per frame."""
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 96)], -1)
-    out = []
-    for index in range(count):
-        frame = base.astype(np.uint8)
-        frame[height // 4:height // 4 + 12, 8 + 6 * index:20 + 6 * index] = (250, 240, 30)
-        out.append(frame)
-    return out
 
 
 def make_clip(path, count=5, fps=10, audio=True):
@@ -37,7 +26,7 @@ def make_clip(path, count=5, fps=10, audio=True):
     if audio:
         command += ['-f', 'lavfi', '-i', f'sine=frequency=440:duration={count / fps}', '-c:a', 'aac']
     command += ['-c:v', 'libx264', '-pix_fmt', 'yuv420p', str(path)]
-    subprocess.run(command, input=np.stack(frames(count)).tobytes(), check=True)
+    subprocess.run(command, input=np.stack(moving_square(count)).tobytes(), check=True)
     return str(path)
 
 
@@ -100,7 +89,7 @@ def test_explicit_fps(tmp_path, random_weights, capsys):
 
 
 def test_frame_folders_in_and_out_match_pair_mode(tmp_path, random_weights, random_network, capsys):
-    images = frames(3, 24, 32)
+    images = moving_square(3, 24, 32)
     code, err = call(['--video', save_frames(tmp_path / 'in', images), '--out', tmp_path / 'out/',
                       '--weights', random_weights], capsys)
     assert code == 0, err
@@ -114,7 +103,7 @@ def test_frame_folders_in_and_out_match_pair_mode(tmp_path, random_weights, rand
 
 def test_odd_and_tiny_frames_keep_their_size(tmp_path, random_weights, capsys):
     for width, height in ((33, 17), (1, 1)):
-        folder = save_frames(tmp_path / f'in{width}', frames(3, height, width))
+        folder = save_frames(tmp_path / f'in{width}', moving_square(3, height, width))
         out = tmp_path / f'odd{width}.mp4'
         code, err = call(['--video', folder, '--out', out, '--weights', random_weights], capsys)
         assert code == 0, err
@@ -139,7 +128,7 @@ def test_help_shows_both_modes(capsys):
 @pytest.mark.parametrize('mode', ['L', 'RGBA', 'P', 'I;16', '1x1'])
 def test_pair_mode_converts_image_kinds(tmp_path, random_weights, capsys, mode):
     paths = []
-    for index, image in enumerate(frames(2, 20, 30)):
+    for index, image in enumerate(moving_square(2, 20, 30)):
         picture = Image.fromarray(image)
         if mode == 'I;16':
             picture = Image.fromarray((image[..., 0].astype(np.uint16) * 257))
@@ -167,10 +156,10 @@ def bad(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp('bad')
     folder = tmp_path / 'in'
     folder.mkdir()
-    good = frames(2, 20, 30)
+    good = moving_square(2, 20, 30)
     Image.fromarray(good[0]).save(folder / 'a.png')
     Image.fromarray(good[1]).save(folder / 'b.png')
-    Image.fromarray(frames(1, 21, 30)[0]).save(folder / 'taller.png')
+    Image.fromarray(moving_square(1, 21, 30)[0]).save(folder / 'taller.png')
     (folder / 'empty.png').write_bytes(b'')
     (folder / 'text.png').write_text('this is not an image\n')
     data = (folder / 'a.png').read_bytes()
@@ -217,6 +206,8 @@ BAD_INPUTS = {
     'unknown model': (pair('a.png', 'b.png') + ['--model', 'l2'], "unknown model 'l2' (choose from l1, lf)"),
     'unknown padding': (video('clip.mp4', 'out/out.mp4', '--padding', 'zero'), "unknown padding 'zero'"),
     'factor 3': (video('clip.mp4', 'out/out.mp4', '--factor', '3'), '--factor must be a power of two'),
+    'fps nan': (video('clip.mp4', 'out/out.mp4', '--fps', 'nan'), '--fps must be a positive number, got nan'),
+    'fps inf': (video('clip.mp4', 'out/out.mp4', '--fps', 'inf'), '--fps must be a positive number, got inf'),
     'fps and slowmo': (video('clip.mp4', 'out/out.mp4', '--fps', '30', '--slowmo'), 'exclude each other'),
     'video options in pair mode': (pair('a.png', 'b.png') + ['--slowmo'], 'video-mode options without --video'),
     'both modes': (video('clip.mp4') + ['--one', 'in/a.png'], 'give either --video or --one/--two'),
@@ -258,6 +249,14 @@ def test_unwritable_output_folder(bad, random_weights, capsys, monkeypatch):
     (bad / 'locked').mkdir(mode=0o500)
     code, err = call(video('clip.mp4', 'locked/out.mp4') + ['--weights', random_weights], capsys)
     assert (code, err.strip()) == (2, f'error: output folder is not writable: {bad / "locked"}')
+
+
+def test_an_existing_empty_output_folder_is_filled(bad, random_weights, capsys, monkeypatch):
+    monkeypatch.chdir(bad)
+    (bad / 'empty-out').mkdir()
+    code, err = call(video('clip.mp4', 'empty-out') + ['--weights', random_weights], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(bad / 'empty-out')) == [f'{index:06d}.png' for index in range(9)]
 
 
 def test_output_folder_must_be_empty(bad, random_weights, capsys, monkeypatch):
