@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import sepconv
 from media import atomic_output, check_writable, read_image
-from model import KERNEL_SIZE, MODELS, PADDINGS, InputError, Network, estimate, interpolate, load_network, resolve_device
+from model import KERNEL_SIZE, MODELS, PADDINGS, PRECISIONS, InputError, Network, estimate, interpolate, load_network, resolve_device
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
@@ -73,14 +73,17 @@ def score(truth, estimate):
             skimage.metrics.structural_similarity(truth, estimate, data_range=255, channel_axis=2))
 
 
-def evaluate(network, data, padding='paper'):
+RESULT_KEYS = ('psnr', 'ssim', 'blend_psnr', 'blend_ssim')
+
+
+def evaluate(network, data, padding='paper', precision='fp32'):
     """{sequence: {psnr, ssim, blend_psnr, blend_ssim}}; network None scores the blend alone."""
     results = {}
     for name, first, second, truth in find_sequences(data):
         one, two, truth = read_image(first), read_image(second), read_image(truth)
         blend = ((one.astype(np.float32) + two.astype(np.float32)) / 2.0).round().astype(np.uint8)
-        estimate = blend if network is None else interpolate(one, two, network, padding=padding)
-        results[name] = dict(zip(('psnr', 'ssim', 'blend_psnr', 'blend_ssim'), score(truth, estimate) + score(truth, blend)))
+        estimate = blend if network is None else interpolate(one, two, network, padding=padding, precision=precision)
+        results[name] = dict(zip(RESULT_KEYS, score(truth, estimate) + score(truth, blend)))
     if not results:
         raise InputError(f'no Middlebury sequences (<Seq>/frame10.png, frame11.png, frame10i11.png) in {data}')
     return results
@@ -302,6 +305,7 @@ def main(argv=None):
     parser.add_argument('--weights', help='weights file instead of the bundled ones')
     parser.add_argument('--padding', default='paper', help=f"{' or '.join(PADDINGS)} (default paper)")
     parser.add_argument('--device', default='auto', help='auto, cpu or cuda')
+    parser.add_argument('--precision', default='fp32', help=f"network precision: {', '.join(PRECISIONS)} (default fp32)")
     parser.add_argument('--json', help='also write the results to this JSON file')
     parser.add_argument('--speed', action='store_true', help='time interpolation and the sepconv op instead '
                         '(randomly initialised network unless --weights is given)')
@@ -315,21 +319,23 @@ def main(argv=None):
     try:
         if args.padding not in PADDINGS:
             raise InputError(f"unknown padding '{args.padding}' (choose from {', '.join(PADDINGS)})")
+        if args.precision not in PRECISIONS:
+            raise InputError(f"unknown precision '{args.precision}' (choose from {', '.join(PRECISIONS)})")
         if args.json:
             check_writable(args.json)
         data = args.data or (CACHE_DIR if find_sequences(CACHE_DIR) else download_middlebury())
         network = None if args.model == 'blend' else load_network(args.model, args.weights, resolve_device(args.device))
-        results = evaluate(network, data, args.padding)
+        results = evaluate(network, data, args.padding, args.precision)
     except InputError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     except OSError as error:  # download failures
         print(f'error: cannot get the Middlebury data: {error}', file=sys.stderr)
         return 2
-    print(report(results, args.model, args.padding))
+    print(report(results, args.model, args.padding if args.precision == 'fp32' else f'{args.padding} {args.precision}'))
     if args.json:
-        write_json(args.json, {'model': args.model, 'padding': args.padding, 'sequences': results,
-                               'mean': {key: mean(results, key) for key in ('psnr', 'ssim', 'blend_psnr', 'blend_ssim')}})
+        write_json(args.json, {'model': args.model, 'padding': args.padding, 'precision': args.precision,
+                               'sequences': results, 'mean': {key: mean(results, key) for key in RESULT_KEYS}})
     print(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f}")
     return 0
 

@@ -172,7 +172,7 @@ def estimate(network, one, two, padding='paper', precision='fp32', channels_last
     return output[:, :, border:border + height, border:border + width].flip(1).clamp(0.0, 1.0)
 
 
-def interpolate(one, two, network=None, model='l1', padding='paper'):
+def interpolate(one, two, network=None, model='l1', padding='paper', precision='fp32'):
     """Middle frame between `one` and `two`.
 
     Images are H x W x 3 RGB numpy arrays (uint8, or float in [0, 1]) or PIL images, giving the
@@ -183,14 +183,14 @@ def interpolate(one, two, network=None, model='l1', padding='paper'):
     if isinstance(one, torch.Tensor):
         batched = one.dim() == 4
         one, two = (t if batched else t[None] for t in (one, two))
-        output = estimate(network, one.to(device).float(), two.to(device).float(), padding)
+        output = estimate(network, one.to(device).float(), two.to(device).float(), padding, precision)
         return output if batched else output[0]
     arrays = [np.asarray(image) for image in (one, two)]
     if arrays[0].shape != arrays[1].shape or arrays[0].ndim != 3 or arrays[0].shape[2] != 3:
         raise InputError('interpolate expects two H x W x 3 images of the same size')
     scale = 255.0 if arrays[0].dtype == np.uint8 else 1.0
     tensors = [torch.from_numpy(a.astype(np.float32) / scale).permute(2, 0, 1)[None].to(device) for a in arrays]
-    output = estimate(network, *tensors, padding)[0].permute(1, 2, 0).cpu().numpy()
+    output = estimate(network, *tensors, padding, precision)[0].permute(1, 2, 0).cpu().numpy()
     if scale == 1.0:
         return output
     output = (output * 255.0).round().astype(np.uint8)

@@ -80,6 +80,22 @@ def test_random_weights_end_to_end(middlebury, random_weights, random_network, t
     assert (venus['blend_psnr'], venus['blend_ssim']) == pytest.approx(blend_scores(data), abs=1e-9)
 
 
+def test_bf16_network(middlebury, random_weights, random_network, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(os.path.join(middlebury, 'Venus'), data / 'Venus')
+    path = tmp_path / 'bf16.json'
+    argv = ['--data', str(data), '--weights', random_weights, '--precision', 'bf16', '--json', str(path)]
+    assert benchmark.main(argv) == 0
+    one, two, truth = (read(data / 'Venus' / name) for name in ('frame10.png', 'frame11.png', 'frame10i11.png'))
+    psnr = {precision: skimage.metrics.peak_signal_noise_ratio(
+        truth, interpolate(one, two, random_network, precision=precision), data_range=255) for precision in ('fp32', 'bf16')}
+    results = json.loads(path.read_text())
+    assert results['precision'] == 'bf16' and results['mean']['psnr'] == pytest.approx(psnr['bf16'], abs=1e-9)
+    assert psnr['bf16'] != psnr['fp32'] and output_lines(capsys)[0][-2].split()[:3] == ['ours', 'l1/paper', 'bf16']
+    assert benchmark.main(['--data', str(data), '--precision', 'fp8']) == 2
+    assert output_lines(capsys)[1] == ["error: unknown precision 'fp8' (choose from fp32, bf16, fp16)"]
+
+
 @pytest.fixture
 def fake_server(tmp_path):
     """A folder with tiny other-data.zip and other-gt-interp.zip in the official layout."""
