@@ -4,7 +4,6 @@ Speed benchmark:     python benchmark.py --speed [--device cuda|cpu] [--sizes 64
 PSNR and SSIM are computed as in the original sepconv-slomo benchmark: on uint8 frames with
 scikit-image, data_range 255, SSIM over the three channels with default window settings.
 """
-import argparse
 import ctypes
 import glob
 import json
@@ -24,7 +23,8 @@ from tqdm import tqdm
 
 import sepconv
 from media import atomic_output, check_writable, read_image
-from model import KERNEL_SIZE, MODELS, PADDINGS, PRECISIONS, InputError, Network, estimate, interpolate, load_network, resolve_device
+from model import (KERNEL_SIZE, MODELS, PADDINGS, PRECISIONS, ArgumentParser, InputError, Network, estimate, interpolate,
+                   load_network, resolve_device)
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
@@ -298,7 +298,7 @@ def main_speed(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='SepConv benchmarks.')
+    parser = ArgumentParser(description='SepConv benchmarks.')
     parser.add_argument('--data', help='Middlebury folder with <Seq>/frame10.png, frame11.png, frame10i11.png '
                                        f'(default: {CACHE_DIR}, downloaded on first use)')
     parser.add_argument('--model', default='l1', help=f"{', '.join(MODELS)} or blend (default l1)")

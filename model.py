@@ -1,4 +1,5 @@
 """The SepConv network (Niklaus et al., ICCV 2017), its weights, and the `interpolate` API."""
+import argparse
 import math
 import os
 
@@ -18,6 +19,13 @@ PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float
 
 class InputError(ValueError):
     """A problem with what the user passed in; the CLIs print it as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gets one line on stderr (and exit code 2), not the usage."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see --help)\n')
 
 
 def _basic(channels_in, channels_out):

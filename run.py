@@ -9,7 +9,7 @@ import sys
 
 from media import (check_image_output, check_memory, image_size, interpolate_video, read_image,
                    write_image)
-from model import MODELS, PADDINGS, InputError, interpolate, load_network, resolve_device
+from model import MODELS, PADDINGS, ArgumentParser, InputError, interpolate, load_network, resolve_device
 
 VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'no_scene_detect', 'batch_size')
 
@@ -25,7 +25,7 @@ factor x the input frame rate (same duration, audio kept). Frame folders count a
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         usage='%(prog)s --one A --two B --out C [options]                              (pair mode)\n'
               '       %(prog)s --video IN --out OUT [--factor N] [--fps F | --slowmo] [options]  (video mode)',
         description='SepConv video frame interpolation (Niklaus et al., ICCV 2017): the middle frame of '

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node=8 train.py ...            # DistributedDataParallel
     python train.py --export runs/l1/ckpt.pt weights/network-l1.safetensors
 """
-import argparse
 import collections
 import csv
 import glob
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from benchmark import evaluate, mean
 import media
 from media import IMAGE_EXTENSIONS, scene_cut
-from model import InputError, Network, load_network
+from model import ArgumentParser, InputError, Network, load_network
 
 VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.avi', '.mov', '.webm')
 CACHE_VERSION = 2  # bump when patch extraction (or the scene-cut test it uses) changes
@@ -34,7 +33,7 @@ VGG_MEAN, VGG_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description='Train SepConv (Adamax, L1 or L1 + VGG-19 feature loss).')
+    p = ArgumentParser(description='Train SepConv (Adamax, L1 or L1 + VGG-19 feature loss).')
     p.add_argument('--data', nargs='+', default=[], help='videos or folders of videos / of frames')
     p.add_argument('--out', default='runs/l1', help='folder for checkpoint, log.csv and loss.png')
     p.add_argument('--loss', choices=('l1', 'lf'), default='l1')

@@ -45,7 +45,10 @@ def video_facts(path):
 
 
 def call(argv, capsys):
-    code = run.main([str(arg) for arg in argv])
+    try:
+        code = run.main([str(arg) for arg in argv])
+    except SystemExit as exit:  # argparse
+        code = exit.code
     return code, capsys.readouterr().err
 
 
@@ -208,6 +211,8 @@ BAD_INPUTS = {
     'factor 3': (video('clip.mp4', 'out/out.mp4', '--factor', '3'), '--factor must be a power of two'),
     'fps nan': (video('clip.mp4', 'out/out.mp4', '--fps', 'nan'), '--fps must be a positive number, got nan'),
     'fps inf': (video('clip.mp4', 'out/out.mp4', '--fps', 'inf'), '--fps must be a positive number, got inf'),
+    'factor not a number': (video('clip.mp4', 'out/out.mp4', '--factor', 'x'), "argument --factor: invalid int value: 'x'"),
+    'no output given': (['--one', 'in/a.png', '--two', 'in/b.png'], 'the following arguments are required: --out'),
     'fps and slowmo': (video('clip.mp4', 'out/out.mp4', '--fps', '30', '--slowmo'), 'exclude each other'),
     'video options in pair mode': (pair('a.png', 'b.png') + ['--slowmo'], 'video-mode options without --video'),
     'both modes': (video('clip.mp4') + ['--one', 'in/a.png'], 'give either --video or --one/--two'),
