@@ -1,0 +1,38 @@
+"""The bundled weights (weights/network-l1.safetensors) on real frames."""
+import os
+
+import numpy as np
+import skimage.metrics
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import run
+from model import load_network, weights_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQUENCE = 'RubberWhale'
+
+
+def read(path):
+    return np.asarray(Image.open(path).convert('RGB'))
+
+
+def test_bundled_l1_weights_are_fp16_and_complete():
+    with safe_open(weights_path('l1'), 'pt') as file:
+        assert {file.get_tensor(key).dtype for key in file.keys()} == {torch.float16}
+        assert int(file.metadata()['step']) > 0 and file.metadata()['loss'] == 'l1'
+    network = load_network('l1')
+    assert sum(p.numel() for p in network.parameters()) == 21675452
+    hub = torch.hub.load(ROOT, 'sepconv', 'l1', source='local')
+    assert all(torch.equal(value, network.state_dict()[key]) for key, value in hub.state_dict().items())
+
+
+def test_cli_on_a_middlebury_pair(middlebury, tmp_path, capsys):
+    folder = os.path.join(middlebury, SEQUENCE)
+    out = tmp_path / 'middle.png'
+    assert run.main(['--one', f'{folder}/frame10.png', '--two', f'{folder}/frame11.png', '--out', str(out)]) == 0
+    one, two, truth = (read(f'{folder}/{name}.png') for name in ('frame10', 'frame11', 'frame10i11'))
+    blend = ((one.astype(np.float32) + two) / 2).round().astype(np.uint8)
+    psnr = lambda image: skimage.metrics.peak_signal_noise_ratio(truth, image, data_range=255)
+    assert psnr(read(out)) > psnr(blend) > 35  # the CPU-trained weights only just beat the blend (see README)
