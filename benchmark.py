@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import sepconv
 from media import atomic_output, check_writable, read_image
-from model import (KERNEL_SIZE, MODELS, PADDINGS, PRECISIONS, ArgumentParser, InputError, Network, estimate, interpolate,
-                   load_network, resolve_device)
+from model import (KERNEL_SIZE, MODELS, PADDINGS, PRECISIONS, ArgumentParser, InputError, Network, estimate,
+                   interpolate, load_network, resolve_device)
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
@@ -63,9 +63,12 @@ def download_middlebury(target=CACHE_DIR, url=MIDDLEBURY_URL):
 
 def find_sequences(data):
     """(name, frame10, frame11, frame10i11) for every complete sequence in `data`."""
-    folders = sorted(os.path.dirname(truth) for truth in glob.glob(os.path.join(data, '*', 'frame10i11.png')))
-    paths = [[os.path.join(folder, f'{name}.png') for name in ('frame10', 'frame11', 'frame10i11')] for folder in folders]
-    return [(os.path.basename(folder), *files) for folder, files in zip(folders, paths) if all(map(os.path.isfile, files))]
+    sequences = []
+    for folder in sorted(os.path.dirname(truth) for truth in glob.glob(os.path.join(data, '*', 'frame10i11.png'))):
+        files = [os.path.join(folder, f'{name}.png') for name in ('frame10', 'frame11', 'frame10i11')]
+        if all(map(os.path.isfile, files)):
+            sequences.append((os.path.basename(folder), *files))
+    return sequences
 
 
 def score(truth, estimate):
@@ -305,7 +308,8 @@ def main(argv=None):
     parser.add_argument('--weights', help='weights file instead of the bundled ones')
     parser.add_argument('--padding', default='paper', help=f"{' or '.join(PADDINGS)} (default paper)")
     parser.add_argument('--device', default='auto', help='auto, cpu or cuda')
-    parser.add_argument('--precision', default='fp32', help=f"network precision: {', '.join(PRECISIONS)} (default fp32)")
+    parser.add_argument('--precision', default='fp32',
+                        help=f"network precision: {', '.join(PRECISIONS)} (default fp32)")
     parser.add_argument('--json', help='also write the results to this JSON file')
     parser.add_argument('--speed', action='store_true', help='time interpolation and the sepconv op instead '
                         '(randomly initialised network unless --weights is given)')

@@ -276,15 +276,15 @@ def save_checkpoint(path, network, optimizer, step, args):
 def read_checkpoint(path):
     try:
         state = torch.load(path, map_location='cpu', weights_only=False)
-        return state if {'model', 'optimizer', 'step', 'config', 'rng'} <= state.keys() else None
+        if {'model', 'optimizer', 'step', 'config', 'rng'} <= state.keys():
+            return state
     except Exception:
-        return None
+        pass
+    raise InputError(f'{path} is not a train.py checkpoint')
 
 
 def load_checkpoint(path, network, optimizer):
     state = read_checkpoint(path)
-    if state is None:
-        raise InputError(f'{path} is not a train.py checkpoint')
     network.load_state_dict(state['model'])
     optimizer.load_state_dict(state['optimizer'])
     torch.set_rng_state(state['rng']['torch'])
@@ -298,8 +298,6 @@ def load_checkpoint(path, network, optimizer):
 def export(checkpoint, target):
     from safetensors.torch import save_file
     state = read_checkpoint(checkpoint)
-    if state is None:
-        raise InputError(f'{checkpoint} is not a train.py checkpoint')
     weights = {k: v.half().contiguous() for k, v in state['model'].items()}
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     save_file(weights, target + '.part', metadata={'step': str(state['step']), 'loss': state['config']['loss']})
