@@ -4,18 +4,14 @@ import os
 import numpy as np
 import skimage.metrics
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 import run
+from media import read_image as read
 from model import load_network, weights_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQUENCE = 'RubberWhale'
-
-
-def read(path):
-    return np.asarray(Image.open(path).convert('RGB'))
 
 
 def test_bundled_l1_weights_are_fp16_and_complete():
