@@ -15,4 +15,15 @@ demo: $(VENV)/installed
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q
 
-.PHONY: demo test
+# The GPU round (README, "On a GPU"): `make gpu-round` on a CUDA machine writes to $OUT or to
+# ARGS=FOLDER; `make gpu-round ARGS="--dry-run FOLDER"` tries it on the CPU. It runs with the project's
+# .venv where there is one, else with python3 (as on the lent GPU machines).
+ROUND_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-round:
+	$(ROUND_PYTHON) gpu_round.py $(ARGS)
+
+# Fill the git-ignored gpu-carry/ with training clips and print the device tool's arguments.
+gpu-carry: $(VENV)/installed
+	$(BIN)/python gpu_round.py --carry
+
+.PHONY: demo test gpu-round gpu-carry

@@ -1,5 +1,5 @@
 """torch.hub entry point: torch.hub.load('/path/to/sepconv', 'sepconv', 'l1', source='local')."""
-from model import MODELS, InputError, load_network, resolve_device
+from model import load_network, resolve_device
 
 dependencies = ['torch', 'numpy', 'PIL', 'safetensors']
 
@@ -11,6 +11,4 @@ def sepconv(variant='l1', weights=None, device='cpu'):
     own second parameter is called `model`, so model='l1' never reaches this function.
     weights: a .safetensors file, or an original sepconv-slomo .pytorch state dict, to load instead.
     device: 'cpu' (default), 'cuda' or 'auto'."""
-    if variant not in MODELS:
-        raise InputError(f"unknown model '{variant}' (choose from {', '.join(MODELS)})")
     return load_network(variant, weights, resolve_device(device))

@@ -1,29 +1,18 @@
-"""Frames in and out: images, frame folders and videos (streamed through ffmpeg), scene cuts, memory
-checks, and `interpolate_video`, which raises a video's frame rate with SepConv in constant memory."""
+"""Videos and frame folders at a higher frame rate: `interpolate_video` streams frames through SepConv in
+constant memory, with no frames invented across scene cuts and the frames checked against free memory."""
 import itertools
 import math
-import os
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-from fractions import Fraction
 
-try:
-    import imageio_ffmpeg
-except ImportError:  # videos then need OpenCV (train.py falls back to it); images and folders still work
-    imageio_ffmpeg = None
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from model import PADDINGS, InputError, estimate, load_network, resolve_device
+from cli import InputError, check_choice
+from model import PADDINGS, estimate, load_network, resolve_device
+from video import (FOLDER_FPS, FrameFolderWriter, FrameSource, VideoWriter, check_fps, check_video_output, exact_fps,
+                   is_frame_folder)
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
-VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.mov')  # written as H.264 (libx264)
-FOLDER_FPS = Fraction(25)  # frame folders carry no frame rate; they count as 25 fps
 SCENE_CUT_THRESHOLD = 0.3  # median over a 4 x 4 grid of blocks of the colour-histogram distance, in [0, 1]
 SCENE_CUT_GRID = 4
 SCENE_CUT_LEVELS = 4  # per RGB channel, so 64 colour bins per block
@@ -32,104 +21,6 @@ NETWORK_BYTES_PER_PIXEL = 2200  # peak memory per padded pixel of one pair in th
 
 def notice(message):
     print(f'notice: {message}', file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-
-def _open_image(path):
-    if not os.path.exists(path):
-        raise InputError(f'no such file: {path}')
-    if os.path.isdir(path):
-        raise InputError(f'expected an image file, got a directory: {path}')
-    if os.path.getsize(path) == 0:
-        raise InputError(f'image file is empty: {path}')
-    try:
-        return Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise InputError(f'cannot read image {path}: {str(error).splitlines()[0] or type(error).__name__}') from None
-    except Image.DecompressionBombError as error:
-        raise InputError(f'image {path} is too large: {error}') from None
-
-
-def image_size(path):
-    """(width, height) of an image, from its header alone."""
-    with _open_image(path) as image:
-        return image.size
-
-
-def read_image(path):
-    """H x W x 3 uint8 RGB; grayscale, palette, alpha and 16-bit images are converted."""
-    try:
-        with _open_image(path) as image:
-            image.load()
-            if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-                array = np.asarray(image, dtype=np.float64)
-                image = Image.fromarray((array / (65535.0 if array.max() > 255 else 255.0) * 255.0).round()
-                                        .clip(0, 255).astype(np.uint8))
-            if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-                image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-            return np.asarray(image.convert('RGB'))
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise InputError(f'cannot read image {path}: {str(error).splitlines()[0] or type(error).__name__}') from None
-
-
-def check_writable(path):
-    """Create the folder that will hold `path` and make sure a file can be written there."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise InputError(f'cannot create output folder {folder}: {error.strerror}') from None
-    if os.path.isdir(path):
-        raise InputError(f'output path is a directory: {path}')
-    if not os.access(folder, os.W_OK):
-        raise InputError(f'output folder is not writable: {folder}')
-
-
-def check_image_output(path):
-    if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-        raise InputError(f"unsupported output image type '{path}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
-    check_writable(path)
-
-
-def atomic_output(path):
-    """A temporary path beside `path` (same extension) to write to and then os.replace onto it."""
-    folder, name = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f'.{name}.', suffix=os.path.splitext(name)[1], dir=folder)
-    os.close(handle)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; give it a new file's usual mode
-    return temporary
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_image(path, array):
-    temporary = atomic_output(path)
-    try:
-        Image.fromarray(array).save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def natural_key(name):
-    """Sort key putting frame2.png before frame10.png."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r'(\d+)', name)]
-
-
-def frame_paths(folder):
-    """The images in `folder` (hidden files skipped), in natural name order."""
-    names = [name for name in os.listdir(folder)
-             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')]
-    return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,202 +101,6 @@ def choose_batch_size(width, height, device, padding='paper', requested=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading frames
-
-def _ffmpeg_reason(text):
-    """The telling line of an ffmpeg failure log, without its '[component @ address]' prefixes."""
-    if ' Video: ' not in text and ' Audio: ' in text:
-        return 'it has no video stream (audio only)'
-    lines = [re.sub(r'^(\[[^]]*\] *)+', '', line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line and not line.startswith('===')]
-    for marker in ('Error opening input: ', 'Decoding error: '):
-        found = [line.split(marker, 1)[1] for line in lines if marker in line]
-        if found:
-            return found[0]
-    return lines[0] if lines else 'ffmpeg failed'
-
-
-def _exact_fps(fps):
-    """ffmpeg prints rates with two decimals; restore NTSC rates (29.97 -> 30000/1001)."""
-    ntsc = round(fps * 1.001)
-    if fps != round(fps) and abs(fps - ntsc / 1.001) < 0.01:
-        return Fraction(ntsc * 1000, 1001)
-    return Fraction(fps).limit_denominator(1001)
-
-
-class FrameSource:
-    """The frames of a video file or of a folder of images, decoded one at a time.
-
-    Attributes: width, height, fps (a Fraction; None if unknown), count (frames, estimated from the
-    duration for videos; None if unknown), audio (a video's audio codec, else None), folder (bool)."""
-
-    def __init__(self, path):
-        self.path, self.audio = path, None
-        if not os.path.exists(path):
-            raise InputError(f'no such file or folder: {path}')
-        self.folder = os.path.isdir(path)
-        if self.folder:
-            self._paths = frame_paths(path)
-            if not self._paths:
-                raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
-            (self.width, self.height), self.fps, self.count = image_size(self._paths[0]), FOLDER_FPS, len(self._paths)
-            return
-        if os.path.getsize(path) == 0:
-            raise InputError(f'video file is empty: {path}')
-        if imageio_ffmpeg is None:
-            raise InputError('reading videos needs imageio-ffmpeg: pip install imageio-ffmpeg')
-        reader = imageio_ffmpeg.read_frames(path)
-        try:
-            meta = next(reader)
-        except Exception as error:  # imageio-ffmpeg raises OSError with ffmpeg's log, or fails to parse it
-            raise InputError(f'cannot read video {path}: {_ffmpeg_reason(str(error))}') from None
-        finally:
-            reader.close()
-        self.width, self.height = meta['size']
-        self.fps = _exact_fps(meta['fps']) if meta['fps'] > 0 else None
-        self.count = round(meta['duration'] * meta['fps']) or None
-        self.audio = meta.get('audio_codec')
-
-    def __iter__(self):
-        return self._read_folder() if self.folder else self._decode()
-
-    def _read_folder(self):
-        for path in self._paths:
-            frame = read_image(path)
-            if frame.shape[:2] != (self.height, self.width):
-                raise InputError(f'frames differ in size: {path} is {frame.shape[1]}x{frame.shape[0]}, '
-                                 f'{self._paths[0]} is {self.width}x{self.height}')
-            yield frame
-
-    def _decode(self):
-        """Every decoded frame once (no rate conversion); any decoding error (-xerror: a truncated or
-        corrupt file) fails the read instead of being concealed."""
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), '-loglevel', 'error', '-xerror', '-i', self.path,
-                   '-an', '-sn', '-dn', '-f', 'rawvideo', '-pix_fmt', 'rgb24', 'pipe:']
-        size = self.width * self.height * 3
-        with tempfile.TemporaryFile() as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-                                       start_new_session=True)
-            try:
-                while len(buffer := process.stdout.read(size)) == size:
-                    yield np.frombuffer(bytearray(buffer), np.uint8).reshape(self.height, self.width, 3)
-                if process.wait() or buffer:
-                    log.seek(0)
-                    reason = _ffmpeg_reason(log.read().decode(errors='replace') or 'incomplete last frame')
-                    raise InputError(f'cannot decode video {self.path} (truncated or corrupt?): {reason}')
-            finally:
-                process.kill()
-                process.wait()
-                process.stdout.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing frames
-
-class VideoWriter:
-    """Encodes uint8 RGB frames with ffmpeg (H.264, BT.709) into a temporary file beside `path`; close()
-    moves it onto `path`, abort() deletes it. Even sizes are encoded as yuv420p, which every player
-    reads; odd sizes, which 4:2:0 cannot hold, as yuv444p, so the size is always kept exactly.
-    `audio_from` names a file whose first audio stream is muxed in (stream-copied if AAC or MP3)."""
-
-    def __init__(self, path, width, height, fps, audio_from=None, audio_codec=None):
-        self.path, self.temporary = path, atomic_output(path)
-        pixel_format = 'yuv420p' if width % 2 == 0 and height % 2 == 0 else 'yuv444p'
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), '-y', '-loglevel', 'error', '-f', 'rawvideo',
-                   '-pix_fmt', 'rgb24', '-s', f'{width}x{height}', '-framerate', str(Fraction(fps)), '-i', 'pipe:']
-        if audio_from:
-            command += ['-i', audio_from, '-map', '0:v', '-map', '1:a:0',
-                        '-c:a', 'copy' if audio_codec in ('aac', 'mp3') else 'aac']
-        command += ['-c:v', 'libx264', '-crf', '17', '-pix_fmt', pixel_format, '-vf',
-                    'scale=out_color_matrix=bt709:out_range=tv,'
-                    'setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv']
-        if path.lower().endswith(('.mp4', '.mov')):
-            command += ['-movflags', '+faststart']
-        self._log = tempfile.TemporaryFile()
-        # A session of its own keeps Ctrl-C from reaching ffmpeg, which would then finish the file itself.
-        self._process = subprocess.Popen(command + [self.temporary], stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True)
-
-    def _failure(self):
-        self._process.wait()
-        self._log.seek(0)
-        reason = _ffmpeg_reason(self._log.read().decode(errors='replace'))
-        return InputError(f'ffmpeg could not write {self.path}: {reason}')
-
-    def write(self, frame):
-        try:
-            self._process.stdin.write(np.ascontiguousarray(frame).data)
-        except (BrokenPipeError, ValueError):
-            raise self._failure() from None
-
-    def close(self):
-        try:
-            self._process.stdin.close()
-        except BrokenPipeError:
-            pass
-        if self._process.wait():
-            raise self._failure()
-        os.replace(self.temporary, self.path)
-        self._log.close()
-
-    def abort(self):
-        self._process.kill()
-        self._process.wait()
-        self._log.close()
-        if os.path.exists(self.temporary):
-            os.remove(self.temporary)
-
-
-class FrameFolderWriter:
-    """Writes frames as numbered PNGs (000000.png, ...) into a temporary folder beside `path`; close()
-    renames it to `path` (which must not exist or be empty), abort() deletes it."""
-
-    def __init__(self, path):
-        self.path = os.path.abspath(path)
-        parent, name = os.path.split(self.path)
-        self.temporary = tempfile.mkdtemp(prefix=f'.{name}.', dir=parent)
-        os.chmod(self.temporary, 0o777 & ~_umask())
-        self.count = 0
-
-    def write(self, frame):
-        Image.fromarray(frame).save(os.path.join(self.temporary, f'{self.count:06d}.png'))
-        self.count += 1
-
-    def close(self):
-        if os.path.isdir(self.path):
-            os.rmdir(self.path)
-        os.replace(self.temporary, self.path)
-
-    def abort(self):
-        shutil.rmtree(self.temporary, ignore_errors=True)
-
-
-def _is_frame_folder(path):
-    return path.endswith(('/', os.sep)) or os.path.isdir(path) or not os.path.splitext(path)[1]
-
-
-def check_video_output(path, source):
-    """Validate `path` as an output video or frame folder for `source`, creating its parent folder."""
-    if os.path.abspath(path) == os.path.abspath(source) or (os.path.exists(path) and os.path.samefile(path, source)):
-        raise InputError(f'output {path} would overwrite the input')
-    if not _is_frame_folder(path):
-        if not path.lower().endswith(VIDEO_EXTENSIONS):
-            raise InputError(f"unsupported output video type '{path}' (use one of {', '.join(VIDEO_EXTENSIONS)}, "
-                             'or a folder for PNG frames, e.g. out_frames/)')
-        check_writable(path)
-        return
-    folder = os.path.abspath(path)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise InputError(f'output {path} exists and is not a folder')
-    if not os.path.isdir(folder):
-        check_writable(folder)
-    elif os.listdir(folder):
-        raise InputError(f'output folder is not empty: {path}')
-    elif not os.access(folder, os.W_OK):
-        raise InputError(f'output folder is not writable: {path}')
-
-
-# ---------------------------------------------------------------------------------------------
 # Interpolation
 
 def check_factor(factor):
@@ -461,14 +156,14 @@ def interpolate_frames(frames, network, factor=2, padding='paper', batch_size=1,
 
 def _output_rate(clip, factor, fps, slowmo, to_folder):
     """The output frame rate, and whether the input's audio goes along (only if the duration is kept)."""
-    if fps is not None and not 0 < fps < math.inf:
-        raise InputError(f'--fps must be a positive number, got {fps}')
+    if fps is not None:
+        check_fps(fps)
     if fps is not None and slowmo:
         raise InputError('--fps and --slowmo exclude each other')
     source_fps = clip.fps or FOLDER_FPS
     if clip.fps is None and not to_folder:
         notice(f'the frame rate of {clip.path} is unknown; taking {FOLDER_FPS} fps')
-    rate = _exact_fps(fps) if fps is not None else source_fps * (1 if slowmo else factor)
+    rate = exact_fps(fps) if fps is not None else source_fps * (1 if slowmo else factor)
     keep_audio = bool(clip.audio) and not to_folder and rate == source_fps * factor
     if clip.audio and not keep_audio:
         reason = ('a frame folder holds no audio' if to_folder else
@@ -497,9 +192,8 @@ def interpolate_video(source, out, network=None, model='l1', weights=None, facto
     batch_size pairs; default 1 on the CPU, what fits on a GPU) and encoded one at a time, into a
     temporary file renamed to `out` only once complete. Returns the number of frames written."""
     check_factor(factor)
-    if padding not in PADDINGS:
-        raise InputError(f"unknown padding '{padding}' (choose from {', '.join(PADDINGS)})")
-    to_folder = _is_frame_folder(out)
+    check_choice('padding', padding, PADDINGS)
+    to_folder = is_frame_folder(out)
     clip = FrameSource(source)
     device = next(network.parameters()).device if network else resolve_device(device)
     batch_size = choose_batch_size(clip.width, clip.height, device, padding, batch_size)

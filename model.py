@@ -1,13 +1,15 @@
 """The SepConv network (Niklaus et al., ICCV 2017), its weights, and the `interpolate` API."""
-import argparse
 import math
 import os
+import pickle
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cli import InputError, check_choice, reason
 from sepconv import sepconv_pair
 
 KERNEL_SIZE = 51
@@ -15,17 +17,6 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights'
 MODELS = ('l1', 'lf')
 PADDINGS = ('paper', 'improved')
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-
-class InputError(ValueError):
-    """A problem with what the user passed in; the CLIs print it as one line."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gets one line on stderr (and exit code 2), not the usage."""
-
-    def error(self, message):
-        self.exit(2, f'error: {message} (see --help)\n')
 
 
 def _basic(channels_in, channels_out):
@@ -101,9 +92,12 @@ class Network(torch.nn.Module):
 # Weights
 
 def weights_path(model):
-    if model not in MODELS:
-        raise InputError(f"unknown model '{model}' (choose from {', '.join(MODELS)})")
-    return os.path.join(WEIGHTS_DIR, f'network-{model}.safetensors')
+    """The bundled weights of `model`; only l1 ships, lf is trained with train.py --loss lf."""
+    path = os.path.join(WEIGHTS_DIR, f'network-{model}.safetensors')
+    if not os.path.isfile(path):
+        raise InputError(f'no bundled {model} weights ({path}): train them with train.py --loss {model}, or pass '
+                         f'--weights network-{model}.pytorch from sepconv-slomo')
+    return path
 
 
 def load_state_dict(path):
@@ -113,13 +107,14 @@ def load_state_dict(path):
                          'PATH to a network-l1.pytorch / network-lf.pytorch from sepconv-slomo)')
     try:
         if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            state = load_file(path)
+            state = safetensors.torch.load_file(path)
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f'cannot read weights {path}: {reason}') from None
+    except pickle.UnpicklingError:  # torch's own text is a page long, with terminal escapes
+        raise InputError(f'cannot read weights {path}: not a state dict of tensors (a damaged file, or '
+                         'pickled objects that are not loaded for safety)') from None
+    except (safetensors.SafetensorError, RuntimeError, OSError, EOFError) as error:
+        raise InputError(f'cannot read weights {path}: {reason(error)}') from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise InputError(f'{path} does not hold SepConv weights: expected a state dict of tensors')
     return {key.replace('module', 'net'): value.float() for key, value in state.items()}
@@ -127,6 +122,7 @@ def load_state_dict(path):
 
 def load_network(model='l1', weights=None, device='cpu'):
     """A Network in eval mode with the bundled `model` weights, or those at `weights`."""
+    check_choice('model', model, MODELS)
     network = Network()
     path = weights or weights_path(model)
     state, expected = load_state_dict(path), network.state_dict()
@@ -142,39 +138,39 @@ def load_network(model='l1', weights=None, device='cpu'):
 # ---------------------------------------------------------------------------------------------
 # Interpolation
 
+DEVICES = ('auto', 'cpu', 'cuda')
+
+
 def resolve_device(name='auto'):
+    check_choice('device', name, DEVICES)
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     if name == 'cuda' and not torch.cuda.is_available():
         raise InputError('--device cuda was asked for, but no CUDA device is available')
-    if name not in ('cpu', 'cuda'):
-        raise InputError(f"unknown device '{name}' (choose from auto, cpu, cuda)")
     return torch.device(name)
 
 
-def estimate(network, one, two, padding='paper', precision='fp32', channels_last=False, cudnn_benchmark=False):
+def estimate(network, one, two, padding='paper', precision='fp32', channels_last=False):
     """Middle frames of N x 3 x H x W RGB tensors in [0, 1], as the original run.py computes them.
 
     Speed options, meant for CUDA (the defaults compute exactly as before): precision 'bf16' or 'fp16'
-    runs the network under autocast (sepconv still accumulates in fp32); channels_last converts the
-    network (in place) and its inputs to NHWC, which tensor-core convolutions prefer; cudnn_benchmark
-    sets torch.backends.cudnn.benchmark, process-wide, to time cuDNN's algorithms per input shape.
+    runs the network under autocast (sepconv still accumulates in fp32); channels_last passes the inputs
+    as NHWC, which tensor-core convolutions prefer, and pays off once the caller has converted the
+    network too: network.to(memory_format=torch.channels_last). estimate changes neither the network
+    nor global settings such as torch.backends.cudnn.benchmark.
     """
-    if padding not in PADDINGS:
-        raise InputError(f"unknown padding '{padding}' (choose from {', '.join(PADDINGS)})")
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    check_choice('padding', padding, PADDINGS)
+    check_choice('precision', precision, PRECISIONS)
     height, width = one.shape[-2:]
+    # 'paper' adds 25 px of replicated border, as published; both paddings then round each side up to
+    # a multiple of 128 (the original's arithmetic), which the network's five poolings need with room to spare.
     border = KERNEL_SIZE // 2 if padding == 'paper' else 0
     right = math.ceil((width + 2 * border) / 128) * 128 - width - border
     bottom = math.ceil((height + 2 * border) / 128) * 128 - height - border
     pad = lambda x: F.pad(x.flip(1), [border, right, border, bottom], mode='replicate')
     one, two = pad(one), pad(two)
     if channels_last:
-        network.to(memory_format=torch.channels_last)
         one, two = (x.contiguous(memory_format=torch.channels_last) for x in (one, two))
-    if cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
     with torch.no_grad(), torch.autocast(one.device.type, PRECISIONS[precision], enabled=precision != 'fp32'):
         output = network(one, two)
     return output[:, :, border:border + height, border:border + width].flip(1).clamp(0.0, 1.0)
@@ -201,5 +197,7 @@ def interpolate(one, two, network=None, model='l1', padding='paper', precision='
     output = estimate(network, *tensors, padding, precision)[0].permute(1, 2, 0).cpu().numpy()
     if scale == 1.0:
         return output
+    # Rounded to the nearest level: the original truncates, which darkens by half a level on average
+    # (benchmark.py truncates, to compare with the published table).
     output = (output * 255.0).round().astype(np.uint8)
     return Image.fromarray(output) if isinstance(one, Image.Image) else output

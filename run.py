@@ -3,13 +3,14 @@
 Pair mode:  python run.py --one A.png --two B.png --out middle.png
 Video mode: python run.py --video in.mp4 --out out.mp4 [--factor 2|4|8] [--fps F | --slowmo]
 """
-import argparse
 import os
 import sys
 
-from media import (check_image_output, check_memory, image_size, interpolate_video, read_image,
-                   write_image)
-from model import MODELS, PADDINGS, ArgumentParser, InputError, interpolate, load_network, resolve_device
+import cli
+from cli import ArgumentParser, InputError
+from images import check_image_output, image_size, read_image, write_image
+from media import check_memory, interpolate_video
+from model import DEVICES, MODELS, PADDINGS, interpolate, load_network, resolve_device
 
 VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'no_scene_detect', 'batch_size')
 
@@ -21,6 +22,10 @@ EXAMPLES = """examples:
 
 In video mode the output keeps every input frame and adds factor - 1 between each pair, at
 factor x the input frame rate (same duration, audio kept). Frame folders count as 25 fps.
+
+Defaults that differ from the original sepconv-slomo (lf, improved): --model l1, because only l1
+weights ship (and l1 is the model the paper scores); --padding paper, the padding the paper's
+figures were computed with.
 """
 
 
@@ -30,14 +35,15 @@ def parse_args(argv=None):
               '       %(prog)s --video IN --out OUT [--factor N] [--fps F | --slowmo] [options]  (video mode)',
         description='SepConv video frame interpolation (Niklaus et al., ICCV 2017): the middle frame of '
                     'an image pair, or a video (or folder of frames) at a higher frame rate.',
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES, formatter_class=cli.HelpFormatter)
     pair = parser.add_argument_group('pair mode')
     pair.add_argument('--one', metavar='A', help='first frame (image)')
     pair.add_argument('--two', metavar='B', help='second frame (image)')
     video = parser.add_argument_group('video mode')
     video.add_argument('--video', metavar='IN', help='input video file, or folder of frames (natural name order)')
     video.add_argument('--factor', type=int, metavar='N', help='frames out per frame in: 2, 4, 8, ... (default 2)')
-    video.add_argument('--fps', type=float, metavar='F', help='output frame rate (default: factor x the input rate)')
+    video.add_argument('--fps', type=float, metavar='F', help='output frame rate, 1 to 1000 '
+                                                              '(default: factor x the input rate)')
     video.add_argument('--slowmo', action='store_true', help='keep the input frame rate: factor x slower, '
                                                               'audio dropped')
     video.add_argument('--no-scene-detect', action='store_true', help='interpolate across scene cuts too '
@@ -47,11 +53,13 @@ def parse_args(argv=None):
     common = parser.add_argument_group('both modes')
     common.add_argument('--out', required=True, help='pair mode: output image; video mode: output video '
                                                      '(.mp4, .mkv, .mov) or folder for PNG frames')
-    common.add_argument('--model', default='l1', help=f"bundled weights: {' or '.join(MODELS)} (default l1)")
+    common.add_argument('--model', default='l1', choices=MODELS,
+                        help='weights/network-MODEL.safetensors; only l1 ships, lf comes from train.py --loss lf')
     common.add_argument('--weights', help='weights file instead of the bundled ones (.safetensors, or an '
                                           'original sepconv-slomo .pytorch state dict)')
-    common.add_argument('--padding', default='paper', help=f"{' or '.join(PADDINGS)} (default paper)")
-    common.add_argument('--device', default='auto', help='auto, cpu or cuda (default auto)')
+    common.add_argument('--padding', default='paper', choices=PADDINGS,
+                        help="paper: 25 px border as published; improved: the original repository's later variant")
+    common.add_argument('--device', default='auto', choices=DEVICES, help='where the network runs')
     return parser.parse_args(argv)
 
 
@@ -88,22 +96,7 @@ def run_video(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.model not in MODELS:
-            raise InputError(f"unknown model '{args.model}' (choose from {', '.join(MODELS)})")
-        if args.padding not in PADDINGS:
-            raise InputError(f"unknown padding '{args.padding}' (choose from {', '.join(PADDINGS)})")
-        if args.video:
-            run_video(args)
-        else:
-            run_pair(args)
-    except InputError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('error: interrupted; no output written', file=sys.stderr)
-        return 130
-    return 0
+    return cli.run(run_video if args.video else run_pair, args)
 
 
 if __name__ == '__main__':

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import InputError, Network, interpolate
+from cli import InputError
+from model import Network, interpolate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,5 +30,5 @@ def test_hub_variant_is_positional_or_variant(random_weights):
 def test_hub_reports_missing_bundled_weights(tmp_path, monkeypatch):
     import model
     monkeypatch.setattr(model, 'WEIGHTS_DIR', str(tmp_path))
-    with pytest.raises(InputError, match='weights file not found'):
+    with pytest.raises(InputError, match='no bundled l1 weights'):
         torch.hub.load(ROOT, 'sepconv', 'l1', source='local')

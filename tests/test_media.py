@@ -1,5 +1,6 @@
 import itertools
 import os
+import re
 import stat
 import subprocess
 from fractions import Fraction
@@ -11,10 +12,12 @@ import torch
 from PIL import Image
 
 import media
-from media import (SCENE_CUT_THRESHOLD, FrameFolderWriter, FrameSource, VideoWriter, check_factor, check_memory,
-                   frame_paths, interpolate_frames, interpolate_video, network_memory, scene_cut, scene_distance)
+from cli import InputError
 from conftest import moving_square
-from model import InputError
+from images import frame_paths
+from media import (SCENE_CUT_THRESHOLD, check_factor, check_memory, interpolate_frames, interpolate_video, network_memory,
+                   scene_cut, scene_distance)
+from video import FrameFolderWriter, FrameSource, VideoWriter
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,6 +220,12 @@ def test_frame_folder_writer(tmp_path):
     writer.write(moving_square(1)[0])
     writer.abort()
     assert os.listdir(tmp_path) == ['frames']
+    writer = FrameFolderWriter(str(tmp_path / 'frames'))  # a second run into the folder the first one filled
+    writer.write(moving_square(1)[0])
+    with pytest.raises(InputError, match=r'cannot write output folder .*frames: Directory not empty'):
+        writer.close()
+    writer.abort()
+    assert os.listdir(tmp_path) == ['frames'] and len(os.listdir(tmp_path / 'frames')) == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +283,13 @@ def test_memory_estimate_and_refusal():
     assert network_memory(1280, 720, pairs=2) == 2 * 1408 * 896 * media.NETWORK_BYTES_PER_PIXEL
     assert network_memory(1280, 720, padding='improved') == 1280 * 768 * media.NETWORK_BYTES_PER_PIXEL
     available = media.available_memory(torch.device('cpu'))
-    assert available is None or available > 0
-    if available is not None:
-        with pytest.raises(InputError, match=r'100000x100000 frames need about .* GiB .* of RAM is available'):
-            check_memory(100000, 100000, torch.device('cpu'))
+    if not os.path.exists('/proc/meminfo'):
+        pytest.skip('no /proc/meminfo to check the figure against')
+    meminfo = int(re.search(r'^MemAvailable:\s+(\d+) kB', open('/proc/meminfo').read(), re.MULTILINE)[1]) * 1024
+    assert 2 ** 20 < available <= 1.01 * meminfo  # RAM available now, within any cgroup limit: not total, not swap
+    check_memory(64, 48, torch.device('cpu'))
+    with pytest.raises(InputError, match=r'100000x100000 frames need about .* GiB .* of RAM is available'):
+        check_memory(100000, 100000, torch.device('cpu'))
 
 
 def test_interrupted_runs_leave_no_output(tmp_path, monkeypatch):

@@ -1,4 +1,7 @@
 import os
+import re
+import resource
+import signal
 import subprocess
 import sys
 from fractions import Fraction
@@ -11,9 +14,9 @@ from PIL import Image
 
 import media
 import run
-from media import FrameSource
 from conftest import moving_square
 from model import interpolate
+from video import FrameSource
 
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,6 +178,8 @@ def bad(tmp_path_factory):
     subprocess.run([FFMPEG, '-v', 'error', '-f', 'lavfi', '-i', 'sine=duration=0.5', str(folder / 'tone.m4a')],
                    check=True)
     (folder / 'a-file').write_text('')
+    frames = [Image.fromarray(frame) for frame in good]
+    frames[0].save(folder / 'animated.gif', save_all=True, append_images=frames[1:])
     (folder / 'huge-frames').mkdir()
     for name in ('0.png', '1.png'):
         os.link(folder / 'huge.png', folder / 'huge-frames' / name)
@@ -206,11 +211,14 @@ BAD_INPUTS = {
     'output is a pair input': (pair('a.png', 'b.png', 'in/b.png'), 'output in/b.png would overwrite an input'),
     'output under a file': (video('clip.mp4', 'in/a-file/out.mp4'), 'cannot create output folder'),
     'image as video output': (video('clip.mp4', 'out/out.png'), "unsupported output video type 'out/out.png'"),
-    'unknown model': (pair('a.png', 'b.png') + ['--model', 'l2'], "unknown model 'l2' (choose from l1, lf)"),
-    'unknown padding': (video('clip.mp4', 'out/out.mp4', '--padding', 'zero'), "unknown padding 'zero'"),
+    'unknown model': (pair('a.png', 'b.png') + ['--model', 'l2'], "argument --model: invalid choice: 'l2'"),
+    'unknown padding': (video('clip.mp4', 'out/out.mp4', '--padding', 'zero'), "invalid choice: 'zero'"),
     'factor 3': (video('clip.mp4', 'out/out.mp4', '--factor', '3'), '--factor must be a power of two'),
-    'fps nan': (video('clip.mp4', 'out/out.mp4', '--fps', 'nan'), '--fps must be a positive number, got nan'),
-    'fps inf': (video('clip.mp4', 'out/out.mp4', '--fps', 'inf'), '--fps must be a positive number, got inf'),
+    'fps nan': (video('clip.mp4', 'out/out.mp4', '--fps', 'nan'), '--fps must be between 1 and 1000, got nan'),
+    'fps inf': (video('clip.mp4', 'out/out.mp4', '--fps', 'inf'), '--fps must be between 1 and 1000, got inf'),
+    'fps too high': (video('clip.mp4', 'out/out.mp4', '--fps', '1e9'), '--fps must be between 1 and 1000, got 1e+09'),
+    'fps too low': (video('clip.mp4', 'out/out.mp4', '--fps', '0.0001'), '--fps must be between 1 and 1000, got 0.0001'),
+    'animated gif': (pair('animated.gif', 'b.png'), 'in/animated.gif is an animation, not a still image'),
     'factor not a number': (video('clip.mp4', 'out/out.mp4', '--factor', 'x'), "argument --factor: invalid int value: 'x'"),
     'no output given': (['--one', 'in/a.png', '--two', 'in/b.png'], 'the following arguments are required: --out'),
     'fps and slowmo': (video('clip.mp4', 'out/out.mp4', '--fps', '30', '--slowmo'), 'exclude each other'),
@@ -276,3 +284,116 @@ def test_a_real_process_exits_2_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr == f'error: no such file or folder: {tmp_path / "none.mp4"}\n'
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: signals and a full disk
+
+PAUSED = """
+import sys, time, PIL.Image, media, run
+def pause(function):
+    def paused(*args, **kwargs):
+        result = function(*args, **kwargs)
+        print('paused', flush=True)
+        time.sleep(120)
+        return result
+    return paused
+media.estimate = pause(media.estimate)  # video and folder output: the temporary output exists by then
+PIL.Image.Image.save = pause(PIL.Image.Image.save)  # image output: the temporary file is written
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def noise_frames(count, height=48, width=64):
+    return [np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8) for seed in range(count)]
+
+
+def hidden(folder):
+    return [name for name in os.listdir(folder) if name.startswith('.')]
+
+
+@pytest.mark.parametrize('output, number', [('mid.png', signal.SIGTERM), ('frames/', signal.SIGHUP),
+                                            ('out.mp4', signal.SIGTERM), ('out.mp4', signal.SIGINT)])
+def test_a_signal_removes_the_partial_output(tmp_path, random_weights, output, number):
+    inputs = save_frames(tmp_path / 'in', moving_square(3))
+    mode = ['--one', f'{inputs}/f0.png', '--two', f'{inputs}/f1.png'] if output.endswith('.png') else ['--video', inputs]
+    process = subprocess.Popen([sys.executable, '-c', PAUSED, *mode, '--out', str(tmp_path / output),
+                                '--weights', random_weights], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert process.stdout.readline() == 'paused\n'
+        assert len(hidden(tmp_path)) == 1  # the temporary output, about to be left behind
+        process.send_signal(number)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + number
+    assert err.splitlines()[-1] == f'error: stopped by {number.name}; partial output removed'  # after any progress bar
+    assert err.count('error') == 1 and 'Traceback' not in err
+    assert os.listdir(tmp_path) == ['in']
+
+
+def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk
+
+
+@pytest.mark.parametrize('output', ['mid.png', 'frames/', 'out.mp4'])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, random_weights, output):
+    inputs = save_frames(tmp_path / 'in', noise_frames(3))
+    mode = ['--one', f'{inputs}/f0.png', '--two', f'{inputs}/f1.png'] if output.endswith('.png') else ['--video', inputs]
+    result = subprocess.run([sys.executable, 'run.py', *mode, '--out', str(tmp_path / output), '--weights',
+                             random_weights], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2
+    last = result.stderr.splitlines()[-1]  # after any progress bar
+    # Python writes get EFBIG; ffmpeg, whose SIGXFSZ subprocess restores to the default, is stopped by it
+    assert last.startswith('error: ') and last.endswith(('File too large', 'stopped by SIGXFSZ')), result.stderr
+    assert result.stderr.count('error') == 1 and 'Traceback' not in result.stderr
+    assert os.listdir(tmp_path) == ['in']
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos and images that are not what they seem
+
+def test_variable_frame_rate_keeps_duration_and_audio_in_sync(tmp_path, random_weights, capsys):
+    clip = str(tmp_path / 'vfr.mp4')  # 25 fps with frames 5 to 39 dropped: 15 frames in 2 s, 7.5 fps on average
+    subprocess.run([FFMPEG, '-v', 'error', '-f', 'lavfi', '-i', 'testsrc=size=64x48:rate=25:duration=2', '-f', 'lavfi',
+                    '-i', 'sine=duration=2', '-vf', r"select='lt(n\,5)+gte(n\,40)'", '-fps_mode', 'vfr',
+                    '-c:v', 'libx264', '-c:a', 'aac', '-shortest', clip], check=True)
+    assert video_facts(clip)[0] == 15
+    out = str(tmp_path / 'out.mp4')
+    code, err = call(['--video', clip, '--out', out, '--weights', random_weights], capsys)
+    assert code == 0, err
+    count, seconds, fps, audio = video_facts(out)
+    assert (count, fps, audio) == (29, 15, 'aac')
+    assert seconds == pytest.approx(2.0, abs=0.1)
+    log = subprocess.run([FFMPEG, '-i', out, '-map', '0:a', '-f', 'null', '-'], capture_output=True, text=True).stderr
+    hours, minutes, audio_seconds = re.findall(r'time=(\d+):(\d+):([\d.]+)', log)[-1]
+    assert (int(hours), int(minutes), float(audio_seconds)) == (0, 0, pytest.approx(seconds, abs=0.1))
+
+
+def test_rotated_video_reads_upright_without_stray_output(tmp_path, caplog):
+    clip = make_clip(tmp_path / 'in.mp4', count=3, audio=False)
+    rotated = str(tmp_path / 'rotated.mp4')
+    subprocess.run([FFMPEG, '-v', 'error', '-display_rotation', '90', '-i', clip, '-c', 'copy', rotated], check=True)
+    source = FrameSource(rotated)
+    assert (source.width, source.height) == (48, 64)
+    assert [frame.shape for frame in source] == [(64, 48, 3)] * 3
+    assert caplog.records == []
+
+
+def test_exif_orientation_is_applied(tmp_path, random_weights, capsys):
+    images = moving_square(2, 20, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f'{index}.jpg', exif=exif, quality=95)
+    Image.fromarray(images[1]).save(tmp_path / 'stored.jpg', quality=95)
+    code, err = call(['--one', tmp_path / '0.jpg', '--two', tmp_path / '1.jpg', '--out', tmp_path / 'mid.png',
+                      '--weights', random_weights], capsys)
+    assert code == 0, err
+    assert np.asarray(Image.open(tmp_path / 'mid.png')).shape == (30, 20, 3)  # portrait, as viewers show it
+    code, err = call(['--one', tmp_path / '0.jpg', '--two', tmp_path / 'stored.jpg', '--out', tmp_path / 'x.png',
+                      '--weights', random_weights], capsys)
+    assert (code, err.count('\n')) == (2, 1) and 'frames differ in size' in err and '20x30' in err

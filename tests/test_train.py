@@ -30,26 +30,42 @@ def frames_dir(tmp_path):
 
 
 def extraction_args(**overrides):
-    args = train.parse_args(['--patch', '40', '--strides', '1', '--crops', '1', '--min-motion', '0.01'])
+    args = train.parse_args(['--patch', '40', '--strides', '1', '--crops', '1', '--static-keep', '0'])
     vars(args).update(overrides)
     return args
 
 
 def test_extraction_keeps_moving_triplets():
-    patches = train.extract_patches(iter(moving_pattern(frames=6)), extraction_args(), np.random.default_rng(0))
-    assert patches.shape == (4, 3, 40, 40, 3)  # centres 1..4 of 6 frames
+    frames = moving_pattern(frames=6, size=64, speed=3)
+    patches, motions = train.extract_patches(iter(frames), extraction_args(motion_scale=1, patch=64), np.random.default_rng(0))
+    assert patches.shape == (4, 3, 64, 64, 3)  # centres 1..4 of 6 frames
+    assert motions.tolist() == [6.0] * 4
+
+
+def test_extraction_keeps_patches_in_proportion_to_motion():
+    frames = moving_pattern(frames=42, size=64, speed=3)
+    patches, _ = train.extract_patches(iter(frames), extraction_args(motion_scale=24, patch=64), np.random.default_rng(0))
+    assert 4 <= len(patches) <= 16  # 40 candidates moving 6 px, each kept with probability 6 / 24
 
 
 def test_extraction_rejects_static_patches():
     still = [moving_pattern(frames=1)[0]] * 6
-    patches = train.extract_patches(iter(still), extraction_args(), np.random.default_rng(0))
+    patches, _ = train.extract_patches(iter(still), extraction_args(), np.random.default_rng(0))
     assert len(patches) == 0
 
 
+def test_extraction_spreads_the_reservoir_over_the_whole_clip():
+    frames = [pattern // 2 + t for t, pattern in enumerate(moving_pattern(frames=60, speed=3))]  # min value = t
+    patches, _ = train.extract_patches(iter(frames), extraction_args(motion_scale=1, max_per_video=10),
+                                       np.random.default_rng(0))
+    centres = sorted(int(p[1].astype(int).min()) for p in patches)  # the offset t of each centre frame
+    assert len(patches) == 10 and centres[-1] > 30
+
+
 def test_extraction_rejects_triplets_across_a_shot_cut():
-    first = moving_pattern(frames=4, seed=0)
-    second = [frame // 4 for frame in moving_pattern(frames=4, seed=1)]  # another shot: dark
-    patches = train.extract_patches(iter(first + second), extraction_args(), np.random.default_rng(0))
+    first = moving_pattern(frames=4, seed=0, speed=4)
+    second = [frame // 4 for frame in moving_pattern(frames=4, seed=1, speed=4)]  # another shot: dark
+    patches, _ = train.extract_patches(iter(first + second), extraction_args(motion_scale=1), np.random.default_rng(0))
     # centres 1, 2 (first shot) and 5, 6 (second shot); centres 3 and 4 straddle the cut
     assert len(patches) == 4
     for triplet in patches:
@@ -57,28 +73,84 @@ def test_extraction_rejects_triplets_across_a_shot_cut():
         assert np.ptp(means) < 40  # all three frames from the same shot
 
 
-def test_triplets_are_deterministic_and_bgr():
-    patches = np.stack([np.stack(moving_pattern(frames=3, size=40))])
-    dataset = train.Triplets([patches], crop=32, seed=5)
-    first, again = dataset[7], dataset[7]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert first[0].shape == (3, 32, 32) and first[0].dtype == torch.float32
-    plain = train.Triplets([patches], crop=40, seed=5, augment=False)[0]
-    assert torch.allclose(plain[0], torch.from_numpy(patches[0, 0, ..., ::-1].copy()).permute(2, 0, 1) / 255.0)
+@pytest.mark.parametrize('shift', [(0, 0), (3, -5), (-8, 2), (12, 12)])
+def test_patch_motion_measures_translation(shift):
+    texture = np.random.default_rng(1).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+    first, last = texture[30:126, 30:126], texture[30 + shift[0]:126 + shift[0], 30 + shift[1]:126 + shift[1]]
+    assert train.patch_motion(first, last) == pytest.approx(np.hypot(*shift), abs=1.5)
 
 
-def test_training_steps_reduce_the_loss():
+def test_balance_caps_each_source_and_the_static_share():
+    args = train.parse_args(['--clip-share', '0.2', '--static-share', '0.1'])
+    rng = np.random.default_rng(0)
+    motions = [np.r_[np.zeros(2500), rng.uniform(2, 20, 2500)]] + [rng.uniform(2, 20, 300) for _ in range(6)] + [np.zeros(100)]
+    chosen = train.balance(motions, args, seed=0)
+    sizes = [len(c) for c in chosen]
+    assert max(sizes) <= 0.2 * sum(sizes) and sizes[0] > 400 and sizes[1] == 300
+    assert sizes[-1] == 0 and 0.07 < (motions[0][chosen[0]] < 1).mean() < 0.13  # 10 % of what was kept
+
+
+def displaced(a, b, dy, dx):
+    """Whether a[y + dy, x + dx] == b[y, x] wherever both exist (C x H x W arrays)."""
+    rows = lambda d, n: slice(max(d, 0), n + min(d, 0))
+    height, width = a.shape[1:]
+    return np.array_equal(a[:, rows(dy, height), rows(dx, width)], b[:, rows(-dy, height), rows(-dx, width)])
+
+
+def test_opposite_shift_crops_keep_the_middle_exact():
+    texture = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    dataset = train.Triplets([np.stack([texture] * 3)[None]], crop=32, seed=0, shift=6)
+    shifts = []
+    for k in range(20):
+        one, middle, two = (t.numpy() for t in dataset[k])
+        found = [(dy, dx) for dy in range(-6, 7) for dx in range(-6, 7) if displaced(one, middle, dy, dx)]
+        assert len(found) == 1 and displaced(two, middle, -found[0][0], -found[0][1])
+        shifts.append(found[0])
+    assert len(set(shifts)) > 5 and max(max(map(abs, s)) for s in shifts) == 6
+
+
+def test_training_starts_at_the_blend_and_reduces_the_loss():
     torch.manual_seed(0)
     network = Network()
     train.init_weights(network)
     frames = moving_pattern(frames=3, size=32, speed=2)
     batch = [torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1) / 255 for f in frames]
-    one, middle, two = batch
-    optimizer = torch.optim.Adamax(network.parameters())
-    losses = [train.training_step(network, None, optimizer, (one, middle, two), 1e-3 * min(1, (step + 1) / 20)).item()
-              for step in range(40)]
-    assert losses[0] == pytest.approx((0.5 * (one + two) - middle).abs().mean().item(), rel=0.05)  # starts at the blend
-    assert max(losses[-3:]) < 0.5 * losses[0]
+    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    steps = [train.training_step(network, None, optimizer, batch, 1e-3 * min(1, (step + 1) / 20), precision='fp32')
+             for step in range(40)]
+    losses, blend = [loss.item() for loss, _ in steps], steps[0][1].item()
+    assert losses[0] == pytest.approx(blend, rel=1e-3)  # starts at the blend
+    assert max(losses[-3:]) < 0.5 * blend
+
+
+def layered_batch(textures, count, seed, crop=32):
+    rng = np.random.default_rng(seed)
+    triplets = [train.synthetic_triplet([textures[i] for i in rng.integers(len(textures), size=3)], crop, rng)
+                for _ in range(count)]
+    return [torch.from_numpy(np.stack([t[i] for t in triplets])[..., ::-1].copy()).permute(0, 3, 1, 2).float() / 255
+            for i in range(3)]
+
+
+def test_training_on_layered_motion_learns_input_dependent_kernels():
+    """Two or more layers moving differently: only kernels that vary across pixels beat the blend."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    smooth = lambda x: np.asarray(Image.fromarray(x).resize((48, 48), Image.BILINEAR))
+    textures = [smooth(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(16)]
+    network = Network()
+    train.init_weights(network)
+    monitor = train.HeadMonitor(network)
+    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    for step in range(80):
+        train.training_step(network, None, optimizer, layered_batch(textures, 8, step), 1e-3 * min(1, (step + 1) / 10))
+    one, middle, two = layered_batch(textures, 16, seed=10_000)  # held out
+    with torch.no_grad():
+        error = (network(one, two) - middle).abs().mean().item()
+    blend = (0.5 * (one + two) - middle).abs().mean().item()
+    diagnostics = monitor.read()
+    assert min(value for key, value in diagnostics.items() if key.startswith('alive')) > 0.2, diagnostics
+    assert diagnostics['kernel_spread'] > 1e-3, diagnostics
+    assert error < 0.9 * blend, (error, blend)
 
 
 def test_feature_loss_with_random_vgg(tmp_path):
@@ -99,8 +171,8 @@ def test_feature_loss_with_random_vgg(tmp_path):
 
 def run_args(frames_dir, tmp_path, out, steps, *extra):
     return ['--data', str(frames_dir), '--out', str(out), '--cache', str(tmp_path / 'cache'), '--patch', '40',
-            '--crop', '32', '--strides', '1', '--crops', '2', '--min-motion', '0.01', '--batch', '2',
-            '--val-fraction', '0', '--workers', '0', '--warmup', '1', '--max-steps', str(steps),
+            '--crop', '32', '--strides', '1', '--crops', '2', '--motion-scale', '1', '--batch', '2',
+            '--workers', '0', '--warmup', '1', '--max-steps', str(steps),
             '--ckpt-every', '2', '--eval-every', '100', *extra]
 
 

@@ -7,11 +7,15 @@ import torch
 from safetensors import safe_open
 
 import run
-from media import read_image as read
+import train
+from benchmark import evaluate, mean
+from images import read_image as read
 from model import load_network, weights_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQUENCE = 'RubberWhale'
+SEQUENCE = 'MiniCooper'
+MOVING = ('DogDance', 'MiniCooper')  # larger motion, where the blend ghosts
+MARGIN_DB = 1.0  # the shipped weights beat the blend on MOVING by 1.53 dB (README, Results)
 
 
 def test_bundled_l1_weights_are_fp16_and_complete():
@@ -31,4 +35,16 @@ def test_cli_on_a_middlebury_pair(middlebury, tmp_path, capsys):
     one, two, truth = (read(f'{folder}/{name}.png') for name in ('frame10', 'frame11', 'frame10i11'))
     blend = ((one.astype(np.float32) + two) / 2).round().astype(np.uint8)
     psnr = lambda image: skimage.metrics.peak_signal_noise_ratio(truth, image, data_range=255)
-    assert psnr(read(out)) > psnr(blend) > 35  # the CPU-trained weights only just beat the blend (see README)
+    assert psnr(read(out)) > psnr(blend) + 1.5  # 26.96 against 24.71 dB when shipped
+
+
+def test_bundled_weights_beat_the_blend_with_live_heads(middlebury, tmp_path):
+    for name in MOVING:
+        os.symlink(os.path.join(middlebury, name), tmp_path / name)
+    network = load_network('l1')
+    monitor = train.HeadMonitor(network)
+    results = evaluate(network, str(tmp_path))
+    assert mean(results, 'psnr') - mean(results, 'blend_psnr') > MARGIN_DB, results
+    alive = [value for key, value in monitor.read().items() if key.startswith('alive')]
+    # 0.019 on MiniCooper when shipped (sparse: the units fire where things move); 0.000 with the weights before
+    assert min(alive) > 0.005, alive

@@ -1,0 +1,408 @@
+"""One GPU round in one command: environment, CUDA correctness, speed, then training until the deadline.
+
+    python gpu_round.py [OUT]              # on a CUDA machine (`make gpu-round`); OUT defaults to $OUT
+    python gpu_round.py --dry-run OUT      # every step on the CPU at toy sizes
+    python gpu_round.py --carry            # fill gpu-carry/ with training clips, print the device-tool call
+    python gpu_round.py --join PART... OUT.safetensors
+
+Every step runs even when an earlier one failed; each step's result goes into OUT/summary.json as soon
+as it is known. OUT receives at most 8 files: summary.json, round.log, speed.json, log.csv, loss.png and
+the trained fp16 weights in parts of at most 15 MiB (put back together with --join).
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CARRY = os.path.join(ROOT, 'gpu-carry')
+BUNDLED = os.path.join(ROOT, 'weights', 'network-l1.safetensors')
+PART_BYTES = 15 * 2 ** 20
+TRAVEL_LIMIT = 64 * 2 ** 20
+TRAVEL_MARGIN = 3 * 2 ** 20 // 2  # room for files others add to the working tree before the call
+# What to carry (paths in ../shared/data, and in gpu-carry/), most useful first: one Middlebury sequence
+# (ground truth for the CUDA-vs-CPU check), the clips with most motion, then the rest.
+CARRY_ORDER = ['middlebury/MiniCooper'] + [f'train-videos/{name}.mp4' for name in (
+    'sam2-bedroom', 'sam2-cups', 'bikes', 'sam2-blocks', 'sam2-coffee', 'sam2-default_juggle', 'bigbuckbunny',
+    'sam2-dog', 'bottle-detection', 'car-detection', 'one-by-one-person-detection')]
+SPEED_SIZES = ['640x480', '1280x720', '1920x1080', '3840x2160']
+# Seconds for the CUDA tests, the speed runs, the export after training and train.py's start-up; dry run second.
+LIMITS = {False: dict(tests=90, speed=90, export=40, startup=25), True: dict(tests=120, speed=60, export=10, startup=5)}
+TESTS = ['tests/test_sepconv_cuda.py', 'tests/test_gpu_round.py::test_read_frames_falls_back_to_opencv',
+         '-k', 'not nvcc and not emulat']  # the compile and emulator tests run in CI already
+
+
+class StepError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights in parts
+
+def split(path, folder, size=PART_BYTES):
+    """path -> folder/<name>.1ofN ... NofN, each at most `size` bytes."""
+    data = open(path, 'rb').read()
+    count = max(1, -(-len(data) // size))
+    names = [f'{os.path.basename(path)}.{k + 1}of{count}' for k in range(count)]
+    for k, name in enumerate(names):
+        with open(os.path.join(folder, name), 'wb') as file:
+            file.write(data[k * size:(k + 1) * size])
+    return names
+
+
+def join(parts, target):
+    """Concatenate the parts written by split (in any order) and check the result is a safetensors file."""
+    from safetensors import safe_open
+    numbered = {}
+    for part in parts:
+        match = re.search(r'\.(\d+)of(\d+)$', part)
+        if not match or not os.path.isfile(part):
+            raise StepError(f'not a weights part (NAME.<k>of<n>): {part}')
+        numbered[int(match[1])] = (int(match[2]), part)
+    count = numbered[min(numbered)][0]
+    if sorted(numbered) != list(range(1, count + 1)) or any(n != count for n, _ in numbered.values()):
+        raise StepError(f'need parts 1 to {count} of one file, got {len(parts)} part(s)')
+    with open(target + '.part', 'wb') as file:
+        for k in range(1, count + 1):
+            file.write(open(numbered[k][1], 'rb').read())
+    try:
+        with safe_open(target + '.part', 'pt') as weights:
+            tensors = len(weights.keys())
+    except Exception as error:  # safetensors raises its own error types for every kind of bad file
+        os.remove(target + '.part')
+        raise StepError(f'the joined parts are not a valid safetensors file ({error})')
+    os.replace(target + '.part', target)
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Carry folder
+
+def travelling_bytes():
+    """Size of what the device tool sends without carry: tracked plus untracked, not ignored files."""
+    names = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split('\0')
+    return sum(os.path.getsize(os.path.join(ROOT, n)) for n in set(names) if n and os.path.isfile(os.path.join(ROOT, n)))
+
+
+def prepare_carry(source):
+    """Copy what fits of CARRY_ORDER from `source` into gpu-carry/ and print the device tool's arguments."""
+    room = TRAVEL_LIMIT - TRAVEL_MARGIN - travelling_bytes()
+    shutil.rmtree(CARRY, ignore_errors=True)
+    carried, left = [], []
+    for item in CARRY_ORDER:
+        path = os.path.join(source, item)
+        files = sorted(glob.glob(os.path.join(path, '*.png'))) if os.path.isdir(path) else [path]
+        if not files or not all(map(os.path.isfile, files)):
+            raise StepError(f'missing: {path}')
+        size = sum(map(os.path.getsize, files))
+        if size > room:
+            left.append(item)
+            continue
+        target = os.path.join(CARRY, item)
+        for file in files:
+            copy = os.path.join(target, os.path.basename(file)) if os.path.isdir(path) else target
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            shutil.copyfile(file, copy)
+        room -= size
+        carried.append(item)
+    print(f"gpu-carry/: {', '.join(carried)}")
+    if left:
+        print(f"left out, over the 64 MiB the device tool sends: {', '.join(left)}")
+    print(f'{room / 2 ** 20:.1f} MiB to spare (after a {TRAVEL_MARGIN / 2 ** 20:.1f} MiB margin; prepare again if the '
+          'working tree grew). Device tool call (run):')
+    print(json.dumps({'command': 'python3 gpu_round.py', 'carry': ['gpu-carry'], 'timeout_s': 600}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The round
+
+class Round:
+    def __init__(self, args):
+        self.args, self.out, self.work, self.started = args, args.out, args.work, time.time()
+        self.deadline = self.started + args.minutes * 60
+        self.device, self.limits, self.argv = 'cpu' if args.dry_run else 'cuda', LIMITS[args.dry_run], None
+        self.summary = {'dry_run': args.dry_run, 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+                        'minutes': args.minutes, 'steps': {}}
+        self.log = open(os.path.join(self.out, 'round.log'), 'w')
+        # toy sizes gain nothing from threads, and on a busy machine (CI) competing threads slow torch badly
+        self.threads = {'OMP_NUM_THREADS': '1'} if args.dry_run else {}
+        if args.dry_run:
+            import torch
+            torch.set_num_threads(1)
+
+    def save(self):
+        with open(os.path.join(self.out, 'summary.json.part'), 'w') as file:
+            json.dump(self.summary, file, indent=1)
+        os.replace(os.path.join(self.out, 'summary.json.part'), os.path.join(self.out, 'summary.json'))
+
+    def step(self, name, function):
+        """function(result) fills the dict result; whatever it raises marks the step failed, nothing more."""
+        started, result = time.time(), {}
+        self.log.write(f'\n===== {name} =====\n')
+        self.log.flush()
+        try:
+            function(result)
+            result = {'ok': True, **result}
+        except Exception as error:  # any failure is recorded, and the next step runs
+            result = {'ok': False, 'error': (str(error).strip().splitlines() or [type(error).__name__])[-1], **result}
+            self.log.write(f'{name} failed: {type(error).__name__}: {error}\n')
+        result['seconds'] = round(time.time() - started, 1)
+        self.summary['steps'][name] = result
+        self.save()
+        print(f"{name:<12} {'ok' if result['ok'] else 'FAILED':<6} {result['seconds']:>6.1f} s  "
+              f"{result.get('error') or result.get('note', '')}", flush=True)
+
+    def python(self, *argv, timeout):
+        """Run python argv in the repository, output to round.log; returns the output, raises on failure."""
+        command = [sys.executable, *argv]
+        self.log.write('$ ' + ' '.join(command) + '\n')
+        self.log.flush()
+        start = self.log.tell()
+        env = dict(os.environ, PYTHONUNBUFFERED='1', TQDM_MININTERVAL='30', **self.threads)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        try:
+            code = process.wait(timeout=max(1, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # train.py's data-loader workers too
+            process.wait()
+            code = None
+        with open(self.log.name) as file:
+            file.seek(start)
+            output = file.read()
+        if code != 0:
+            lines = [line.strip() for line in output.splitlines() if line.strip()] or ['']
+            last = next((line for line in reversed(lines) if re.match(r'error:|\w+(Error|Exception)\b', line)), lines[-1])
+            error = StepError(f'timed out after {timeout:.0f} s' if code is None else f'exit code {code}: {last}')
+            error.output = output
+            raise error
+        return output
+
+    def environment(self, result):
+        import torch
+        result.update(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
+                      cpus=os.cpu_count(), cuda_available=torch.cuda.is_available())
+        for module in ('cupy', 'cv2', 'imageio_ffmpeg'):
+            try:
+                result[module] = __import__(module).__version__
+            except Exception:  # a missing or broken package is a fact to record, not a failure
+                result[module] = None
+        if torch.cuda.is_available():
+            result['gpu'] = torch.cuda.get_device_name()
+            result['gpu_memory_gib'] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
+        if shutil.which('nvidia-smi'):
+            result['driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                                              capture_output=True, text=True).stdout.strip()
+        result['note'] = result.get('gpu') or 'no GPU'
+
+    def cuda_tests(self, result):
+        try:
+            output, failure = self.python('-m', 'pytest', '-v', '--tb=short', '-p', 'no:cacheprovider', *TESTS,
+                                          timeout=self.limits['tests']), None
+        except StepError as error:  # counted all the same, from the tests that finished
+            output, failure = error.output, error
+        outcomes = re.findall(r'^(tests/\S+) (PASSED|FAILED|SKIPPED|ERROR)', output, re.MULTILINE)
+        for key, word in (('passed', 'PASSED'), ('failed', 'FAILED'), ('skipped', 'SKIPPED'), ('errors', 'ERROR')):
+            result[key] = sum(outcome == word for _, outcome in outcomes)
+        result['failures'] = [test for test, outcome in outcomes if outcome in ('FAILED', 'ERROR')][:20]
+        result['note'] = f"{result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped"
+        if failure:
+            raise failure
+
+    def network(self, result):
+        """The bundled network on the device against the CPU, on one Middlebury pair."""
+        from PIL import Image
+        from model import interpolate, load_network
+        sequences = middlebury_sequences(self.args.middlebury)
+        files = [os.path.join(sequences[0], f'{name}.png') for name in ('frame10', 'frame11', 'frame10i11')] \
+            if sequences else [os.path.join(ROOT, 'images', name) for name in ('one.png', 'two.png')] + [None]
+        crop = slice(0, 64 if self.args.dry_run else None)
+        one, two, truth = (np.asarray(Image.open(f).convert('RGB'))[crop, crop] if f else None for f in files)
+        reference = interpolate(one, two, load_network(device='cpu'))
+        network = load_network(device=self.device)
+        result.update(pair=os.path.basename(os.path.dirname(files[0])), size=f'{one.shape[1]}x{one.shape[0]}')
+        if truth is not None:
+            result['psnr_cpu'] = round(psnr(truth, reference), 4)
+        for precision in ('fp32', 'bf16'):
+            estimate = interpolate(one, two, network, precision=precision)
+            result[f'{precision}_psnr_vs_cpu'] = round(psnr(reference, estimate), 2)
+            if truth is not None:
+                result[f'{precision}_psnr_change'] = round(psnr(truth, estimate) - result['psnr_cpu'], 4)
+        result['note'] = ', '.join(f'{k} {v}' for k, v in result.items() if 'psnr' in k)
+        # TF32 or bf16 convolutions stay above 50 dB against the CPU's fp32; 40 dB is a visible difference
+        if min(result['fp32_psnr_vs_cpu'], result['bf16_psnr_vs_cpu']) < 40:
+            raise StepError(f'the network on {self.device} differs from the CPU: {result["note"]}')
+
+    def speed(self, result):
+        ends, rows, header, failed = time.time() + self.limits['speed'], [], {}, []
+        for size in ['64x64'] if self.args.dry_run else SPEED_SIZES:  # a process per size: a crash costs that size
+            path = os.path.join(self.work, f'speed-{size}.json')
+            try:
+                self.python('benchmark.py', '--speed', '--device', self.device, '--sizes', size, '--json', path,
+                            *(['--repeats', '1'] if self.args.dry_run else []), timeout=ends - time.time())
+            except StepError as error:
+                failed.append(f'{size} ({error})')
+                continue
+            header = json.load(open(path))
+            rows += header.pop('rows')
+            result[size] = {f"{r['what']} {r['variant']}": f"{r['ms']:.3f} ms, {r['peak_mib'] or 0:.0f} MiB"
+                            for r in rows if r['size'] == size}
+        with open(os.path.join(self.out, 'speed.json'), 'w') as file:
+            json.dump({**header, 'rows': rows}, file, indent=1)
+        result['interpolation_fps'] = {f"{r['size']} {r['variant']}": round(r['fps'], 2)
+                                       for r in rows if r['what'] == 'interpolation'}
+        result['note'] = header.get('device_name', '')
+        if failed:
+            raise StepError('failed: ' + '; '.join(failed))
+
+    def train_argv(self):
+        dry = self.args.dry_run
+        argv = ['train.py', '--data', self.args.data, '--out', os.path.join(self.work, 'train'),
+                '--cache', os.path.join(self.work, 'cache'), '--crop', '32' if dry else '128',
+                '--batch', str(self.args.batch), '--workers', '0' if dry else '8',
+                '--ckpt-every', '500', '--eval-every', '1000', '--resume', 'auto']
+        if self.args.init != 'none':
+            argv += ['--init', self.args.init, '--synthetic-steps', '0']  # the heads are trained already
+        if not dry and middlebury_sequences(self.args.middlebury):
+            argv += ['--middlebury', self.args.middlebury]
+        if not dry and '--extract-workers' in self.python('train.py', '--help', timeout=60):
+            argv += ['--extract-workers', str(os.cpu_count())]
+        return argv
+
+    def patches(self, result):
+        """Patch extraction (and one training step), so that the training's time budget is all training."""
+        shutil.rmtree(os.path.join(self.work, 'train'), ignore_errors=True)
+        self.argv = self.train_argv()
+        output = self.python(*self.argv, '--max-steps', '1', timeout=self.deadline - time.time() - 60)
+        found = re.search(r'(\d+) training patches from (\d+) sources', output)
+        if found:
+            result.update(training_patches=int(found[1]), sources=int(found[2]), note=found[0])
+
+    def training(self, result):
+        ends = self.deadline - self.limits['export']
+        minutes = max(0.1, (ends - time.time() - self.limits['startup']) / 60)
+        try:
+            self.python(*(self.argv or self.train_argv()), '--max-steps', '3' if self.args.dry_run else '10000000',
+                        '--max-minutes', f'{minutes:.2f}', timeout=ends - time.time())
+        finally:
+            self.read_training_log(result)
+
+    def read_training_log(self, result):
+        folder = os.path.join(self.work, 'train')
+        for name in ('log.csv', 'loss.png'):
+            if os.path.exists(os.path.join(folder, name)):
+                shutil.copyfile(os.path.join(folder, name), os.path.join(self.out, name))
+        log = os.path.join(folder, 'log.csv')
+        rows = list(csv.DictReader(open(log))) if os.path.exists(log) else []
+        if not rows:
+            return
+        value = lambda row, key: float(row[key]) if row.get(key) not in (None, '', 'nan') else None
+        rates = sorted(value(row, 'samples_per_s') for row in rows[1:] if value(row, 'samples_per_s'))
+        result.update(steps=int(rows[-1]['step']), batch=self.args.batch, triplets=int(rows[-1]['step']) * self.args.batch,
+                      triplets_per_s=rates[len(rates) // 2] if rates else None,
+                      first_loss=value(rows[0], 'loss'), last_loss=value(rows[-1], 'loss'))
+        ratios = [value(row, 'ratio') for row in rows[-100:] if value(row, 'ratio') is not None]
+        if ratios:  # the loss over the blend's loss on the same batch, where train.py logs it
+            result['ratio_to_blend_last_100'] = round(float(np.mean(ratios)), 4)
+        evaluated = [row for row in rows if value(row, 'val_psnr') is not None]
+        if evaluated:
+            result.update({key: value(evaluated[-1], key) for key in ('val_psnr', 'middlebury_psnr', 'middlebury_blend_psnr')
+                           if key in evaluated[-1]})
+        result['note'] = f"{result['steps']} steps, {result['triplets_per_s']} triplets/s"
+
+    def export(self, result):
+        target = os.path.join(self.work, 'weights-fp16.safetensors')
+        if os.path.exists(target):
+            os.remove(target)
+        self.python('train.py', '--export', os.path.join(self.work, 'train', 'ckpt.pt'), target, timeout=120)
+        for old in glob.glob(os.path.join(self.out, 'weights-fp16.safetensors.*of*')):
+            os.remove(old)
+        result['parts'] = split(target, self.out)
+        result['sha256'] = hashlib.sha256(open(target, 'rb').read()).hexdigest()
+        result['note'] = f"join: python gpu_round.py --join {' '.join(result['parts'])} weights.safetensors"
+
+    def run(self):
+        for name in ('environment', 'cuda_tests', 'network', 'speed', 'patches', 'training', 'export'):
+            self.step(name, getattr(self, name))
+        self.summary['seconds'] = round(time.time() - self.started, 1)
+        self.save()
+        failed = [name for name, result in self.summary['steps'].items() if not result['ok']]
+        print(f"round done in {self.summary['seconds']:.0f} s; " + (f"failed: {', '.join(failed)}" if failed else
+                                                                   'every step ok'))
+        return 1 if failed else 0
+
+
+def psnr(a, b):
+    """PSNR in dB of two uint8 images; 100 where they are equal."""
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    return 100.0 if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+
+
+def middlebury_sequences(folder):
+    """Folders in `folder` with frame10.png, frame11.png and the ground truth frame10i11.png."""
+    folders = sorted(os.path.dirname(path) for path in glob.glob(os.path.join(folder, '*', 'frame10i11.png')))
+    return [f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in ('frame10.png', 'frame11.png'))]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('out', nargs='?', default=os.environ.get('OUT'), help='output folder (default: $OUT)')
+    parser.add_argument('--dry-run', action='store_true', help='every step on the CPU at toy sizes')
+    parser.add_argument('--minutes', type=float, default=8.5, help='the whole round, training included (default 8.5)')
+    parser.add_argument('--data', help='training videos (default gpu-carry/train-videos; videos/ with --dry-run)')
+    parser.add_argument('--middlebury', default=os.path.join(CARRY, 'middlebury'), help='Middlebury sequences')
+    parser.add_argument('--init', default=BUNDLED, help="weights to start training from, or 'none' (from scratch)")
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--work', help='scratch folder (default runs/gpu-round, or runs/gpu-round-dry)')
+    parser.add_argument('--carry', nargs='?', const=os.path.join(os.path.dirname(ROOT), 'shared', 'data'),
+                        metavar='DATA', help='fill gpu-carry/ from DATA (default ../shared/data) and print the call')
+    parser.add_argument('--join', nargs='+', metavar='PART', help='PART... OUT.safetensors: put the weights back together')
+    args = parser.parse_args(argv)
+    try:
+        if args.join:
+            if len(args.join) < 2:
+                raise StepError('--join needs the parts and then the output file')
+            tensors = join(args.join[:-1], args.join[-1])
+            digest = hashlib.sha256(open(args.join[-1], 'rb').read()).hexdigest()
+            print(f'wrote {args.join[-1]}: {tensors} tensors, sha256 {digest}')
+            return 0
+        if args.carry:
+            prepare_carry(args.carry)
+            return 0
+        if not args.out:
+            raise StepError('no output folder: pass one or set OUT')
+        if args.minutes <= 0 or args.batch < 1:
+            raise StepError('--minutes and --batch must be positive')
+        if not args.dry_run:
+            import torch
+            if not torch.cuda.is_available():
+                raise StepError('no CUDA device here; use --dry-run to try the round on the CPU')
+        args.data = os.path.abspath(args.data or (os.path.join(ROOT, 'videos') if args.dry_run else
+                                                  os.path.join(CARRY, 'train-videos')))
+        args.work = os.path.abspath(args.work or os.path.join(ROOT, 'runs', 'gpu-round-dry' if args.dry_run else 'gpu-round'))
+        args.out, args.middlebury = os.path.abspath(args.out), os.path.abspath(args.middlebury)
+        args.init = args.init if args.init == 'none' else os.path.abspath(args.init)
+        if args.dry_run:
+            args.batch = 2
+        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(args.work, exist_ok=True)
+    except (StepError, OSError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    return Round(args).run()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

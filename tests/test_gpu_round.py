@@ -1,0 +1,101 @@
+"""gpu_round.py: the whole round dry-run on the CPU, weights in parts and back, and the OpenCV decoding
+that train.py falls back to on the GPU machines (which have no imageio-ffmpeg)."""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import gpu_round
+from model import Network
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dry_run_runs_every_step_at_toy_sizes(tmp_path):
+    out = tmp_path / 'out'
+    done = subprocess.run([sys.executable, 'gpu_round.py', '--dry-run', '--work', str(tmp_path / 'work'), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    summary = json.loads((out / 'summary.json').read_text())
+    steps = summary['steps']
+    assert list(steps) == ['environment', 'cuda_tests', 'network', 'speed', 'patches', 'training', 'export']
+    assert {name: step.get('error') for name, step in steps.items() if not step['ok']} == {}, done.stdout
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1].endswith('every step ok')
+
+    assert steps['environment']['cuda_available'] is False and steps['environment']['torch']
+    tests = steps['cuda_tests']
+    assert tests['failed'] == tests['errors'] == 0 and tests['skipped'] >= 37  # the GPU tests
+    network = steps['network']
+    assert network['size'] == '64x64' and network['fp32_psnr_vs_cpu'] == 100.0  # the same CPU computation
+    assert 35 < network['bf16_psnr_vs_cpu'] < 100
+    speed = json.loads((out / 'speed.json').read_text())
+    assert {(row['size'], row['what'], row['variant']) for row in speed['rows']} >= {
+        ('64x64', 'interpolation', 'fp32'), ('64x64', 'interpolation', 'bf16'), ('64x64', 'sepconv', 'PyTorch path')}
+    assert all(row['ms'] > 0 for row in speed['rows'])
+    assert steps['training']['steps'] == 3 and steps['training']['batch'] == 2 and steps['training']['triplets_per_s'] > 0
+    assert (out / 'log.csv').read_text().splitlines()[-1].startswith('3,')
+
+    parts = steps['export']['parts']
+    assert len(parts) == 3 and all(os.path.getsize(out / part) <= 15 * 2 ** 20 for part in parts)  # 41 MiB of fp16
+    assert sorted(os.listdir(out)) == sorted(['summary.json', 'round.log', 'speed.json', 'log.csv', 'loss.png', *parts])
+    joined = str(tmp_path / 'joined.safetensors')
+    assert gpu_round.main(['--join', *[str(out / p) for p in reversed(parts)], joined]) == 0
+    assert hashlib.sha256(open(joined, 'rb').read()).hexdigest() == steps['export']['sha256']
+    weights = load_file(joined)
+    assert set(weights) == set(Network().state_dict()) and all(w.dtype.itemsize == 2 for w in weights.values())
+
+
+def test_split_and_join_round_trip(tmp_path, capsys):
+    data = np.random.default_rng(0).integers(0, 256, 2500, dtype=np.uint8).tobytes()
+    (tmp_path / 'blob').write_bytes(data)
+    parts = gpu_round.split(str(tmp_path / 'blob'), str(tmp_path), size=1000)
+    assert parts == ['blob.1of3', 'blob.2of3', 'blob.3of3']
+    assert [len((tmp_path / p).read_bytes()) for p in parts] == [1000, 1000, 500]
+    assert b''.join((tmp_path / p).read_bytes() for p in parts) == data
+    # not a safetensors file, and a missing part: one line each, no output left behind
+    for given, message in ((parts, 'the joined parts are not a valid safetensors file'),
+                           (parts[:2], 'need parts 1 to 3 of one file, got 2 part(s)')):
+        assert gpu_round.main(['--join', *[str(tmp_path / p) for p in given], str(tmp_path / 'joined')]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'error: {message}') and err.count('\n') == 1
+        assert not os.path.exists(tmp_path / 'joined') and not os.path.exists(tmp_path / 'joined.part')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--minutes', '0', 'x'], 'error: --minutes and --batch must be positive'),
+    (['--join', 'a.1of2'], 'error: --join needs the parts and then the output file'),
+    (['--join', 'nothing', 'out.safetensors'], 'error: not a weights part (NAME.<k>of<n>): nothing'),
+])
+def test_bad_arguments(capsys, argv, message):
+    assert gpu_round.main(['--dry-run', *argv] if '--minutes' in argv else argv) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_read_frames_falls_back_to_opencv(tmp_path):
+    """Where imageio-ffmpeg cannot be imported, train.read_frames decodes with OpenCV, to the same frames."""
+    pytest.importorskip('cv2')
+    path, saved = os.path.join(ROOT, 'videos', 'bunny.mp4'), str(tmp_path / 'frames.npy')
+    code = ("import sys; sys.modules['imageio_ffmpeg'] = None\n"  # makes `import imageio_ffmpeg` fail
+            f"import numpy, train; numpy.save({saved!r}, numpy.stack(list(train.read_frames({path!r}))))")
+    subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=120)
+    frames = np.load(saved)
+    assert frames.shape == (8, 180, 320, 3) and frames.dtype == np.uint8
+    assert frames[0].mean((0, 1)) == pytest.approx([114.87, 126.74, 85.58], abs=1.0)  # RGB, not OpenCV's BGR
+    if importlib.util.find_spec('imageio_ffmpeg'):
+        import media
+        assert np.abs(frames.astype(int) - np.stack(list(media.FrameSource(path)))).mean() < 1.0
+
+
+def test_a_step_that_runs_too_long_is_stopped(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path), work=str(tmp_path), minutes=1, dry_run=True)
+    started = time.time()
+    with pytest.raises(gpu_round.StepError, match='timed out after 1 s'):
+        gpu_round.Round(args).python('-c', 'import time; time.sleep(60)', timeout=1)
+    assert time.time() - started < 20
