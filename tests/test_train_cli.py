@@ -14,7 +14,7 @@ def test_help_shows_the_defaults(capsys):
         train.main(['--help'])
     text = ' '.join(capsys.readouterr().out.split())
     for default in ('global batch size (default: 16)', 'training crop size (default: 128)',
-                    'training steps in all (default: 100000)', 'Adamax learning rate (default: 0.001)'):
+                    'training steps in all (default: 100000)', 'trained at 5e-4) (default: 0.0005)'):
         assert default in text
 
 
