@@ -506,22 +506,23 @@ def plot_log(log_path, png_path):
     with open(log_path) as file:
         rows = list(csv.DictReader(file))
     column = lambda key: [(int(r['step']), float(r[key])) for r in rows if r.get(key) not in (None, '', 'nan')]
+
+    def curve(key):
+        steps, values = list(zip(*column(key))) or [(), ()]
+        return steps, smoothed(values)
+
     figure, (losses, heads, scores) = plt.subplots(1, 3, figsize=(15, 4))
     ratio = losses.twinx()
     for key, axis, style in (('loss', losses, 'C0'), ('blend_loss', losses, 'C7'), ('ratio', ratio, 'C3')):
-        if points := column(key):
-            steps, values = zip(*points)
-            axis.plot(steps, smoothed(values), style, lw=1, label=key.replace('_', ' '))
+        axis.plot(*curve(key), style, lw=1, label=key.replace('_', ' '))
     losses.set(xlabel='step', ylabel='L1 loss (smoothed)', title='training loss vs the blend on the same batches')
     ratio.set_ylabel('loss / blend loss', color='C3')
     losses.legend(loc='upper left')
     for name in HEADS:
-        if points := column(f'alive_{name[3:].lower()}'):
-            heads.plot([p[0] for p in points], smoothed([p[1] for p in points]), lw=1, label=f'alive {name[3:]}')
-    if points := column('kernel_spread'):
-        spread = heads.twinx()
-        spread.plot([p[0] for p in points], smoothed([p[1] for p in points]), 'k', lw=1)
-        spread.set(ylabel='kernel std across pixels', yscale='log')
+        heads.plot(*curve(f'alive_{name[3:].lower()}'), lw=1, label=f'alive {name[3:]}')
+    spread = heads.twinx()
+    spread.plot(*curve('kernel_spread'), 'k', lw=1)
+    spread.set(ylabel='kernel std across pixels', yscale='log')
     heads.set(xlabel='step', ylabel='alive share of the last ReLU', ylim=(0, 1), title='kernel heads')
     heads.legend(loc='lower left', fontsize=7)
     for key, label in (('val_psnr', 'validation patches'), ('val_blend_psnr', 'validation, blend'),
@@ -579,7 +580,6 @@ def train(args):
     vgg = load_vgg(args.vgg_weights).to(device) if args.loss == 'lf' else None
     train_set, val_set = load_data(args, is_main)
     optimizer = torch.optim.Adamax(parameter_groups(network), lr=args.lr, betas=tuple(args.betas))
-    os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, 'ckpt.pt')
     resume = (checkpoint if os.path.exists(checkpoint) else None) if args.resume == 'auto' else args.resume
     step = load_checkpoint(resume, network, optimizer) if resume else 0
@@ -614,8 +614,9 @@ def train(args):
             continue
         throughput = args.batch / (time.time() - tick)
         tick = time.time()
-        row = {'step': step, 'loss': f'{loss.item():.5f}', 'blend_loss': f'{blend_loss.item():.5f}',
-               'ratio': f'{loss.item() / max(blend_loss.item(), 1e-8):.4f}', 'samples_per_s': f'{throughput:.2f}'}
+        loss, blend_loss = loss.item(), blend_loss.item()
+        row = {'step': step, 'loss': f'{loss:.5f}', 'blend_loss': f'{blend_loss:.5f}',
+               'ratio': f'{loss / max(blend_loss, 1e-8):.4f}', 'samples_per_s': f'{throughput:.2f}'}
         row |= {key: f'{value:.4g}' for key, value in monitor.read().items()}
         progress.update(1)
         progress.set_postfix(ratio=row['ratio'], alive=row['alive_vertical1'], samples_per_s=row['samples_per_s'])
