@@ -7,7 +7,6 @@ PSNR and SSIM from scikit-image with data_range 255 (SSIM over the three channel
 The original compares BGR images; both metrics treat the channels alike, so RGB gives the same numbers.
 """
 import glob
-import json
 import os
 import sys
 import urllib.request
@@ -19,13 +18,15 @@ import torch
 from tqdm import tqdm
 
 import cli
-from cli import ArgumentParser, InputError
-from images import check_writable, image_size, read_image, write_file
-from model import DEVICES, MODELS, PADDINGS, PRECISIONS, estimate, load_network, resolve_device
+from cli import ArgumentParser, InputError, path_argument
+from files import check_not_an_input, check_writable, write_file, write_json
+from images import image_size, read_image
+from model import DEVICES, MODELS, PADDINGS, PRECISIONS, estimate, load_network, weights_path
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
 FRAMES = ('frame10.png', 'frame11.png', 'frame10i11.png')
+SSIM_WINDOW = 7  # scikit-image's default, which the original uses: frames need at least 7 x 7 pixels
 CACHE_DIR = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'sepconv', 'middlebury')
 REFERENCE = {  # the paper's Middlebury "other" results (PSNR, SSIM), as reproduced by sepconv-slomo
     ('l1', 'paper'): (35.73, 0.959), ('lf', 'paper'): (35.03, 0.954),
@@ -67,7 +68,7 @@ def find_sequences(data):
     """(name, frame10, frame11, frame10i11) for every sequence folder in `data`. A sequence with a file missing
     or frames of different sizes is an error: a mean over fewer sequences would not compare with the table."""
     if not os.path.isdir(data):
-        raise InputError(f'no such folder: {data}')
+        raise InputError(f'not a folder: {data}' if os.path.exists(data) else f'no such folder: {data}')
     sequences = []
     for folder in sorted(glob.glob(os.path.join(data, '*', ''))):
         name, files = os.path.basename(folder[:-1]), [os.path.join(folder, frame) for frame in FRAMES]
@@ -80,6 +81,9 @@ def find_sequences(data):
         if len(set(sizes)) > 1:
             raise InputError(f"Middlebury sequence {name} mixes frame sizes: "
                              f"{', '.join(f'{frame} is {w}x{h}' for frame, (w, h) in zip(FRAMES, sizes))}")
+        if min(sizes[0]) < SSIM_WINDOW:
+            raise InputError(f'Middlebury sequence {name} has {sizes[0][0]}x{sizes[0][1]} frames; SSIM needs at least '
+                             f'{SSIM_WINDOW}x{SSIM_WINDOW}')
         sequences.append((name, *files))
     if not sequences:
         raise InputError(f"no Middlebury sequences (<Seq>/{', '.join(FRAMES)}) in {data}")
@@ -87,8 +91,9 @@ def find_sequences(data):
 
 
 def score(truth, estimate):
-    return (skimage.metrics.peak_signal_noise_ratio(truth, estimate, data_range=255),
-            skimage.metrics.structural_similarity(truth, estimate, data_range=255, channel_axis=2))
+    with np.errstate(divide='ignore'):  # equal images: an infinite PSNR, not a warning
+        psnr = skimage.metrics.peak_signal_noise_ratio(truth, estimate, data_range=255)
+    return psnr, skimage.metrics.structural_similarity(truth, estimate, data_range=255, channel_axis=2)
 
 
 def truncated_middle(network, one, two, padding='paper', precision='fp32'):
@@ -132,11 +137,11 @@ def report(results, model, padding):
     return '\n'.join(lines)
 
 
-def write_json(path, content):
-    def save(temporary):
-        with open(temporary, 'w') as file:
-            json.dump(content, file, indent=2)
-    write_file(path, save)
+def inputs(args, data, sequences):
+    """Every file the benchmark reads: the frames, the archives they come from, the weights."""
+    weights = [] if args.model == 'blend' else [args.weights or weights_path(args.model)]
+    archives = [os.path.join(data, archive) for archive in MIDDLEBURY_ARCHIVES]
+    return [path for _, *frames in sequences for path in frames] + archives + weights
 
 
 def parse_args(argv=None):
@@ -158,19 +163,23 @@ def parse_args(argv=None):
 
 
 def benchmark(args):
-    if args.json:
-        check_writable(args.json)
+    if args.json is not None:
+        check_writable(path_argument('--json', args.json))
     try:
         data = args.data or download_middlebury()
     except OSError as error:
         raise InputError(f'cannot get the Middlebury data: {error}') from None
-    network = None if args.model == 'blend' else load_network(args.model, args.weights, resolve_device(args.device))
+    sequences = find_sequences(data)  # all checked before any work (evaluate finds them again, from the headers)
+    if args.json is not None:
+        check_not_an_input(args.json, inputs(args, data, sequences))
+    network = None if args.model == 'blend' else load_network(args.model, args.weights, args.device)
     results = evaluate(network, data, args.padding, args.precision)
-    print(report(results, args.model, args.padding if args.precision == 'fp32' else f'{args.padding} {args.precision}'))
-    if args.json:
+    if args.json is not None:  # written first: a report that cannot be printed does not lose the results
         write_json(args.json, {'model': args.model, 'padding': args.padding, 'precision': args.precision,
                                'sequences': results, 'mean': {key: mean(results, key) for key in RESULT_KEYS}})
-    print(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f}")
+    setting = args.padding if args.precision == 'fp32' else f'{args.padding} {args.precision}'
+    cli.output(report(results, args.model, setting))
+    cli.output(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f}")
 
 
 def main(argv=None):

@@ -1,5 +1,7 @@
 """What run.py, benchmark.py and train.py share as commands: one-line errors, exit codes and signals."""
 import argparse
+import errno
+import os
 import signal
 import sys
 
@@ -34,6 +36,54 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f'{action.help} (default: %(default)s)'
 
 
+class SideChannel:
+    """sys.stderr for progress bars and messages, which must never fail a job: on a closed, broken or full
+    stderr the text is dropped and fd 2 is pointed at /dev/null, so that the exit's own flush succeeds too."""
+
+    def write(self, text):
+        try:
+            sys.stderr.write(text)  # sys.stderr is None when Python started with fd 2 closed
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            mute(sys.stderr)
+        return len(text)
+
+    def flush(self):
+        self.write('')
+
+
+def mute(stream):
+    """Point `stream`'s file descriptor at /dev/null, so that what it still holds, and the exit's flush, go nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
+side_channel = SideChannel()
+
+
+def say(line):
+    """One line on stderr that never fails the job."""
+    side_channel.write(f'{line}\n')
+
+
+def output(line):
+    """One line of a command's result on stdout; one that cannot be written (a full disk, a closed pipe, a closed
+    stdout) is an InputError, since the result is lost."""
+    try:
+        if sys.stdout is None:  # Python started with fd 1 closed
+            raise OSError(errno.EBADF, 'standard output is closed')
+        print(line, flush=True)
+    except (OSError, ValueError) as error:  # ValueError: the stream was closed
+        mute(sys.stdout)
+        raise InputError(f'cannot write to standard output: {getattr(error, "strerror", None) or reason(error)}') \
+            from None
+
+
 def reason(error):
     """The first line of an exception's message, or its type's name when it has none."""
     return (str(error).splitlines() or [type(error).__name__])[0]
@@ -56,18 +106,31 @@ def run(command, *args):
         command(*args)
         return 0
     except InputError as error:
-        print(f'error: {error}', file=sys.stderr)
+        say(f'error: {error}')
         return 2
     except (Interrupted, KeyboardInterrupt) as error:
         number = getattr(error, 'number', signal.SIGINT)
-        print(f'error: stopped by {signal.Signals(number).name}; partial output removed', file=sys.stderr)
+        say(f'error: stopped by {signal.Signals(number).name}; partial output removed')
         return 128 + number
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
 
 
+def path_argument(what, value):
+    """`value`, a str, bytes or os.PathLike path, as a str; anything else, or an empty path, is an InputError."""
+    try:
+        path = os.fsdecode(value)
+    except TypeError:
+        raise InputError(f'{what} must be a path, got {type(value).__name__}') from None
+    if not path:
+        raise InputError(f'{what} path is empty')
+    if '\0' in path:
+        raise InputError(f'{what} path contains a NUL character')
+    return path
+
+
 def check_choice(what, value, choices):
     """The one check behind every `unknown padding 'x' (choose from ...)` message of the Python API."""
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise InputError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")

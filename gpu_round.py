@@ -25,6 +25,9 @@ import time
 
 import numpy as np
 
+from cli import InputError
+from files import write_file, write_json
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CARRY = os.path.join(ROOT, 'gpu-carry')
 BUNDLED = os.path.join(ROOT, 'weights', 'network-l1.safetensors')
@@ -73,17 +76,19 @@ def join(parts, target):
     count = numbered[min(numbered)][0]
     if sorted(numbered) != list(range(1, count + 1)) or any(n != count for n, _ in numbered.values()):
         raise StepError(f'need parts 1 to {count} of one file, got {len(parts)} part(s)')
-    with open(target + '.part', 'wb') as file:
-        for k in range(1, count + 1):
-            file.write(open(numbered[k][1], 'rb').read())
-    try:
-        with safe_open(target + '.part', 'pt') as weights:
-            tensors = len(weights.keys())
-    except Exception as error:  # safetensors raises its own error types for every kind of bad file
-        os.remove(target + '.part')
-        raise StepError(f'the joined parts are not a valid safetensors file ({error})')
-    os.replace(target + '.part', target)
-    return tensors
+    tensors = []
+
+    def save(temporary):
+        with open(temporary, 'wb') as file:
+            for k in range(1, count + 1):
+                file.write(open(numbered[k][1], 'rb').read())
+        try:
+            with safe_open(temporary, 'pt') as weights:
+                tensors.append(len(weights.keys()))
+        except Exception as error:  # safetensors raises its own error types for every kind of bad file
+            raise StepError(f'the joined parts are not a valid safetensors file ({error})') from None
+    write_file(target, save)
+    return tensors[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,10 +134,12 @@ def prepare_carry(source):
 # The round
 
 class Round:
+    """Runs the steps in order; each has its own time limit, and one that fails stops none of the others."""
+
     def __init__(self, args):
         self.args, self.out, self.work, self.started = args, args.out, args.work, time.time()
-        self.deadline = self.started + args.minutes * 60
-        self.device, self.limits, self.argv = 'cpu' if args.dry_run else 'cuda', LIMITS[args.dry_run], None
+        self.deadline, self.ends = self.started + args.minutes * 60, None
+        self.device, self.limits, self.train_argv = 'cpu' if args.dry_run else 'cuda', LIMITS[args.dry_run], None
         self.summary = {'dry_run': args.dry_run, 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                         'minutes': args.minutes, 'steps': {}}
         self.log = open(os.path.join(self.out, 'round.log'), 'w')
@@ -142,18 +149,35 @@ class Round:
             import torch
             torch.set_num_threads(1)
 
-    def save(self):
-        with open(os.path.join(self.out, 'summary.json.part'), 'w') as file:
-            json.dump(self.summary, file, indent=1)
-        os.replace(os.path.join(self.out, 'summary.json.part'), os.path.join(self.out, 'summary.json'))
+    def run(self):
+        """The round, in order, with each step's limit in seconds."""
+        limits, left = self.limits, lambda reserve: self.deadline - time.time() - reserve
+        self.step(environment, 30)
+        self.step(cuda_tests, limits['tests'])
+        self.step(network, 120)
+        self.step(speed, limits['speed'])
+        self.step(patches, left(60))  # extraction and one step, so that the training's time is all training
+        self.step(training, left(limits['export']))
+        self.step(export, 120)
+        self.summary['seconds'] = round(time.time() - self.started, 1)
+        self.save()
+        failed = [name for name, result in self.summary['steps'].items() if not result['ok']]
+        print(f"round done in {self.summary['seconds']:.0f} s; " + (f"failed: {', '.join(failed)}" if failed else
+                                                                   'every step ok'))
+        return 1 if failed else 0
 
-    def step(self, name, function):
-        """function(result) fills the dict result; whatever it raises marks the step failed, nothing more."""
-        started, result = time.time(), {}
+    def save(self):
+        write_json(os.path.join(self.out, 'summary.json'), self.summary)
+
+    def step(self, function, seconds):
+        """function(self, result) fills the dict result within `seconds` (the processes it starts are
+        stopped then); whatever it raises marks the step failed, nothing more."""
+        name, started, result = function.__name__, time.time(), {}
+        self.ends = started + max(1, seconds)
         self.log.write(f'\n===== {name} =====\n')
         self.log.flush()
         try:
-            function(result)
+            function(self, result)
             result = {'ok': True, **result}
         except Exception as error:  # any failure is recorded, and the next step runs
             result = {'ok': False, 'error': (str(error).strip().splitlines() or [type(error).__name__])[-1], **result}
@@ -164,8 +188,10 @@ class Round:
         print(f"{name:<12} {'ok' if result['ok'] else 'FAILED':<6} {result['seconds']:>6.1f} s  "
               f"{result.get('error') or result.get('note', '')}", flush=True)
 
-    def python(self, *argv, timeout):
-        """Run python argv in the repository, output to round.log; returns the output, raises on failure."""
+    def python(self, *argv, timeout=None):
+        """Run python argv in the repository, output to round.log, within `timeout` (default: until the
+        step's limit); returns the output, raises on failure."""
+        timeout = self.ends - time.time() if timeout is None else timeout
         command = [sys.executable, *argv]
         self.log.write('$ ' + ' '.join(command) + '\n')
         self.log.flush()
@@ -190,158 +216,160 @@ class Round:
             raise error
         return output
 
-    def environment(self, result):
-        import torch
-        result.update(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
-                      cpus=os.cpu_count(), cuda_available=torch.cuda.is_available())
-        for module in ('cupy', 'cv2', 'imageio_ffmpeg'):
-            try:
-                result[module] = __import__(module).__version__
-            except Exception:  # a missing or broken package is a fact to record, not a failure
-                result[module] = None
-        if torch.cuda.is_available():
-            result['gpu'] = torch.cuda.get_device_name()
-            result['gpu_memory_gib'] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
-        if shutil.which('nvidia-smi'):
-            result['driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
-                                              capture_output=True, text=True).stdout.strip()
-        result['note'] = result.get('gpu') or 'no GPU'
 
-    def cuda_tests(self, result):
+# ---------------------------------------------------------------------------------------------
+# The steps: each fills `result` for summary.json
+
+def environment(job, result):
+    import torch
+    result.update(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
+                  cpus=os.cpu_count(), cuda_available=torch.cuda.is_available())
+    for module in ('cupy', 'cv2', 'imageio_ffmpeg'):
         try:
-            output, failure = self.python('-m', 'pytest', '-v', '--tb=short', '-p', 'no:cacheprovider', *TESTS,
-                                          timeout=self.limits['tests']), None
-        except StepError as error:  # counted all the same, from the tests that finished
-            output, failure = error.output, error
-        outcomes = re.findall(r'^(tests/\S+) (PASSED|FAILED|SKIPPED|ERROR)', output, re.MULTILINE)
-        for key, word in (('passed', 'PASSED'), ('failed', 'FAILED'), ('skipped', 'SKIPPED'), ('errors', 'ERROR')):
-            result[key] = sum(outcome == word for _, outcome in outcomes)
-        result['failures'] = [test for test, outcome in outcomes if outcome in ('FAILED', 'ERROR')][:20]
-        result['note'] = f"{result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped"
-        if failure:
-            raise failure
+            result[module] = __import__(module).__version__
+        except Exception:  # a missing or broken package is a fact to record, not a failure
+            result[module] = None
+    if torch.cuda.is_available():
+        result['gpu'] = torch.cuda.get_device_name()
+        result['gpu_memory_gib'] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
+    if shutil.which('nvidia-smi'):
+        result['driver'] = subprocess.run(['nvidia-smi', '--query-gpu=driver_version', '--format=csv,noheader'],
+                                          capture_output=True, text=True, timeout=20).stdout.strip()
+    result['note'] = result.get('gpu') or 'no GPU'
 
-    def network(self, result):
-        """The bundled network on the device against the CPU, on one Middlebury pair."""
-        from PIL import Image
-        from model import interpolate, load_network
-        sequences = middlebury_sequences(self.args.middlebury)
-        files = [os.path.join(sequences[0], f'{name}.png') for name in ('frame10', 'frame11', 'frame10i11')] \
-            if sequences else [os.path.join(ROOT, 'images', name) for name in ('one.png', 'two.png')] + [None]
-        crop = slice(0, 64 if self.args.dry_run else None)
-        one, two, truth = (np.asarray(Image.open(f).convert('RGB'))[crop, crop] if f else None for f in files)
-        reference = interpolate(one, two, load_network(device='cpu'))
-        network = load_network(device=self.device)
-        result.update(pair=os.path.basename(os.path.dirname(files[0])), size=f'{one.shape[1]}x{one.shape[0]}')
+
+def cuda_tests(job, result):
+    try:
+        output, failure = job.python('-m', 'pytest', '-v', '--tb=short', '-p', 'no:cacheprovider', *TESTS), None
+    except StepError as error:  # counted all the same, from the tests that finished
+        output, failure = error.output, error
+    outcomes = re.findall(r'^(tests/\S+) (PASSED|FAILED|SKIPPED|ERROR)', output, re.MULTILINE)
+    for key, word in (('passed', 'PASSED'), ('failed', 'FAILED'), ('skipped', 'SKIPPED'), ('errors', 'ERROR')):
+        result[key] = sum(outcome == word for _, outcome in outcomes)
+    result['failures'] = [test for test, outcome in outcomes if outcome in ('FAILED', 'ERROR')][:20]
+    result['note'] = f"{result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped"
+    if failure:
+        raise failure
+
+
+def network(job, result):
+    """The bundled network on the device against the CPU, on one Middlebury pair."""
+    from PIL import Image
+    from model import interpolate, load_network
+    from precision import native as native_precision
+    sequences = middlebury_sequences(job.args.middlebury)
+    files = [os.path.join(sequences[0], f'{name}.png') for name in ('frame10', 'frame11', 'frame10i11')] \
+        if sequences else [os.path.join(ROOT, 'images', name) for name in ('one.png', 'two.png')] + [None]
+    crop = slice(0, 64 if job.args.dry_run else None)
+    one, two, truth = (np.asarray(Image.open(f).convert('RGB'))[crop, crop] if f else None for f in files)
+    reference = interpolate(one, two, load_network(device='cpu'))
+    on_device = load_network(device=job.device)
+    result.update(pair=os.path.basename(os.path.dirname(files[0])), size=f'{one.shape[1]}x{one.shape[0]}')
+    if truth is not None:
+        result['psnr_cpu'] = round(psnr(truth, reference), 4)
+    precisions = sorted({'fp32', native_precision(job.device)})  # no emulated bf16 on a dry run
+    for precision in precisions:
+        estimate = interpolate(one, two, on_device, precision=precision)
+        result[f'{precision}_psnr_vs_cpu'] = round(psnr(reference, estimate), 2)
         if truth is not None:
-            result['psnr_cpu'] = round(psnr(truth, reference), 4)
-        for precision in ('fp32', 'bf16'):
-            estimate = interpolate(one, two, network, precision=precision)
-            result[f'{precision}_psnr_vs_cpu'] = round(psnr(reference, estimate), 2)
-            if truth is not None:
-                result[f'{precision}_psnr_change'] = round(psnr(truth, estimate) - result['psnr_cpu'], 4)
-        result['note'] = ', '.join(f'{k} {v}' for k, v in result.items() if 'psnr' in k)
-        # TF32 or bf16 convolutions stay above 50 dB against the CPU's fp32; 40 dB is a visible difference
-        if min(result['fp32_psnr_vs_cpu'], result['bf16_psnr_vs_cpu']) < 40:
-            raise StepError(f'the network on {self.device} differs from the CPU: {result["note"]}')
+            result[f'{precision}_psnr_change'] = round(psnr(truth, estimate) - result['psnr_cpu'], 4)
+    result['note'] = ', '.join(f'{k} {v}' for k, v in result.items() if 'psnr' in k)
+    # TF32 or bf16 convolutions stay above 50 dB against the CPU's fp32; 40 dB is a visible difference
+    if min(result[f'{precision}_psnr_vs_cpu'] for precision in precisions) < 40:
+        raise StepError(f'the network on {job.device} differs from the CPU: {result["note"]}')
 
-    def speed(self, result):
-        ends, rows, header, failed = time.time() + self.limits['speed'], [], {}, []
-        for size in ['64x64'] if self.args.dry_run else SPEED_SIZES:  # a process per size: a crash costs that size
-            path = os.path.join(self.work, f'speed-{size}.json')
-            try:
-                self.python('benchmark.py', '--speed', '--device', self.device, '--sizes', size, '--json', path,
-                            *(['--repeats', '1'] if self.args.dry_run else []), timeout=ends - time.time())
-            except StepError as error:
-                failed.append(f'{size} ({error})')
-                continue
-            header = json.load(open(path))
-            rows += header.pop('rows')
-            result[size] = {f"{r['what']} {r['variant']}": f"{r['ms']:.3f} ms, {r['peak_mib'] or 0:.0f} MiB"
-                            for r in rows if r['size'] == size}
-        with open(os.path.join(self.out, 'speed.json'), 'w') as file:
-            json.dump({**header, 'rows': rows}, file, indent=1)
-        result['interpolation_fps'] = {f"{r['size']} {r['variant']}": round(r['fps'], 2)
-                                       for r in rows if r['what'] == 'interpolation'}
-        result['note'] = header.get('device_name', '')
-        if failed:
-            raise StepError('failed: ' + '; '.join(failed))
 
-    def train_argv(self):
-        dry = self.args.dry_run
-        argv = ['train.py', '--data', self.args.data, '--out', os.path.join(self.work, 'train'),
-                '--cache', os.path.join(self.work, 'cache'), '--crop', '32' if dry else '128',
-                '--batch', str(self.args.batch), '--workers', '0' if dry else '8',
-                '--ckpt-every', '500', '--eval-every', '1000', '--resume', 'auto']
-        if self.args.init != 'none':
-            argv += ['--init', self.args.init, '--synthetic-steps', '0']  # the heads are trained already
-        if not dry and middlebury_sequences(self.args.middlebury):
-            argv += ['--middlebury', self.args.middlebury]
-        if not dry and '--extract-workers' in self.python('train.py', '--help', timeout=60):
-            argv += ['--extract-workers', str(os.cpu_count())]
-        return argv
-
-    def patches(self, result):
-        """Patch extraction (and one training step), so that the training's time budget is all training."""
-        shutil.rmtree(os.path.join(self.work, 'train'), ignore_errors=True)
-        self.argv = self.train_argv()
-        output = self.python(*self.argv, '--max-steps', '1', timeout=self.deadline - time.time() - 60)
-        found = re.search(r'(\d+) training patches from (\d+) sources', output)
-        if found:
-            result.update(training_patches=int(found[1]), sources=int(found[2]), note=found[0])
-
-    def training(self, result):
-        ends = self.deadline - self.limits['export']
-        minutes = max(0.1, (ends - time.time() - self.limits['startup']) / 60)
+def speed(job, result):
+    rows, header, failed = [], {}, []
+    for size in ['64x64'] if job.args.dry_run else SPEED_SIZES:  # a process per size: a crash costs that size
+        path = os.path.join(job.work, f'speed-{size}.json')
         try:
-            self.python(*(self.argv or self.train_argv()), '--max-steps', '3' if self.args.dry_run else '10000000',
-                        '--max-minutes', f'{minutes:.2f}', timeout=ends - time.time())
-        finally:
-            self.read_training_log(result)
+            job.python('benchmark.py', '--speed', '--device', job.device, '--sizes', size, '--json', path,
+                         *(['--repeats', '1'] if job.args.dry_run else ['--precisions', 'fp32,bf16']))
+        except StepError as error:
+            failed.append(f'{size} ({error})')
+            continue
+        header = json.load(open(path))
+        rows += header.pop('rows')
+        result[size] = {f"{r['what']} {r['variant']}": f"{r['ms']:.3f} ms, {r['peak_mib'] or 0:.0f} MiB"
+                        for r in rows if r['size'] == size}
+    write_json(os.path.join(job.out, 'speed.json'), {**header, 'rows': rows})
+    result['interpolation_fps'] = {f"{r['size']} {r['variant']}": round(r['fps'], 2)
+                                   for r in rows if r['what'] == 'interpolation'}
+    result['note'] = header.get('device_name', '')
+    if failed:
+        raise StepError('failed: ' + '; '.join(failed))
 
-    def read_training_log(self, result):
-        folder = os.path.join(self.work, 'train')
-        for name in ('log.csv', 'loss.png'):
-            if os.path.exists(os.path.join(folder, name)):
-                shutil.copyfile(os.path.join(folder, name), os.path.join(self.out, name))
-        log = os.path.join(folder, 'log.csv')
-        rows = list(csv.DictReader(open(log))) if os.path.exists(log) else []
-        if not rows:
-            return
-        value = lambda row, key: float(row[key]) if row.get(key) not in (None, '', 'nan') else None
-        rates = sorted(value(row, 'samples_per_s') for row in rows[1:] if value(row, 'samples_per_s'))
-        result.update(steps=int(rows[-1]['step']), batch=self.args.batch, triplets=int(rows[-1]['step']) * self.args.batch,
-                      triplets_per_s=rates[len(rates) // 2] if rates else None,
-                      first_loss=value(rows[0], 'loss'), last_loss=value(rows[-1], 'loss'))
-        ratios = [value(row, 'ratio') for row in rows[-100:] if value(row, 'ratio') is not None]
-        if ratios:  # the loss over the blend's loss on the same batch, where train.py logs it
-            result['ratio_to_blend_last_100'] = round(float(np.mean(ratios)), 4)
-        evaluated = [row for row in rows if value(row, 'val_psnr') is not None]
-        if evaluated:
-            result.update({key: value(evaluated[-1], key) for key in ('val_psnr', 'middlebury_psnr', 'middlebury_blend_psnr')
-                           if key in evaluated[-1]})
-        result['note'] = f"{result['steps']} steps, {result['triplets_per_s']} triplets/s"
 
-    def export(self, result):
-        target = os.path.join(self.work, 'weights-fp16.safetensors')
-        if os.path.exists(target):
-            os.remove(target)
-        self.python('train.py', '--export', os.path.join(self.work, 'train', 'ckpt.pt'), target, timeout=120)
-        for old in glob.glob(os.path.join(self.out, 'weights-fp16.safetensors.*of*')):
-            os.remove(old)
-        result['parts'] = split(target, self.out)
-        result['sha256'] = hashlib.sha256(open(target, 'rb').read()).hexdigest()
-        result['note'] = f"join: python gpu_round.py --join {' '.join(result['parts'])} weights.safetensors"
+def train_argv(job):
+    dry = job.args.dry_run
+    argv = ['train.py', '--data', job.args.data, '--out', os.path.join(job.work, 'train'),
+            '--cache', os.path.join(job.work, 'cache'), '--crop', '32' if dry else '128',
+            '--batch', str(job.args.batch), '--workers', '0' if dry else '8',
+            '--ckpt-every', '500', '--eval-every', '1000', '--resume', 'auto']
+    if job.args.init != 'none':
+        argv += ['--init', job.args.init, '--synthetic-steps', '0']  # the heads are trained already
+    if not dry:
+        argv += ['--extract-workers', str(os.cpu_count())]
+        if middlebury_sequences(job.args.middlebury):
+            argv += ['--middlebury', job.args.middlebury]
+    return argv
 
-    def run(self):
-        for name in ('environment', 'cuda_tests', 'network', 'speed', 'patches', 'training', 'export'):
-            self.step(name, getattr(self, name))
-        self.summary['seconds'] = round(time.time() - self.started, 1)
-        self.save()
-        failed = [name for name, result in self.summary['steps'].items() if not result['ok']]
-        print(f"round done in {self.summary['seconds']:.0f} s; " + (f"failed: {', '.join(failed)}" if failed else
-                                                                   'every step ok'))
-        return 1 if failed else 0
+
+def patches(job, result):
+    """Patch extraction (and one training step)."""
+    shutil.rmtree(os.path.join(job.work, 'train'), ignore_errors=True)
+    job.train_argv = train_argv(job)
+    output = job.python(*job.train_argv, '--max-steps', '1')
+    found = re.search(r'(\d+) training patches from (\d+) sources', output)
+    if found:
+        result.update(training_patches=int(found[1]), sources=int(found[2]), note=found[0])
+
+
+def training(job, result):
+    minutes = max(0.1, (job.ends - time.time() - job.limits['startup']) / 60)
+    try:
+        job.python(*(job.train_argv or train_argv(job)), '--max-steps', '3' if job.args.dry_run else '10000000',
+                     '--max-minutes', f'{minutes:.2f}')
+    finally:
+        read_training_log(job, result)
+
+
+def read_training_log(job, result):
+    folder = os.path.join(job.work, 'train')
+    for name in ('log.csv', 'loss.png'):
+        if os.path.exists(os.path.join(folder, name)):
+            shutil.copyfile(os.path.join(folder, name), os.path.join(job.out, name))
+    log = os.path.join(folder, 'log.csv')
+    rows = list(csv.DictReader(open(log))) if os.path.exists(log) else []
+    if not rows:
+        return
+    value = lambda row, key: float(row[key]) if row.get(key) not in (None, '', 'nan') else None
+    rates = sorted(value(row, 'samples_per_s') for row in rows[1:] if value(row, 'samples_per_s'))
+    result.update(steps=int(rows[-1]['step']), batch=job.args.batch, triplets=int(rows[-1]['step']) * job.args.batch,
+                  triplets_per_s=rates[len(rates) // 2] if rates else None,
+                  first_loss=value(rows[0], 'loss'), last_loss=value(rows[-1], 'loss'))
+    ratios = [value(row, 'ratio') for row in rows[-100:] if value(row, 'ratio') is not None]
+    if ratios:  # the loss over the blend's loss on the same batch, where train.py logs it
+        result['ratio_to_blend_last_100'] = round(float(np.mean(ratios)), 4)
+    evaluated = [row for row in rows if value(row, 'val_psnr') is not None]
+    if evaluated:
+        result.update({key: value(evaluated[-1], key) for key in
+                       ('val_psnr', 'middlebury_psnr', 'middlebury_blend_psnr', 'middlebury_worst_gain')
+                       if key in evaluated[-1]})
+    result['note'] = f"{result['steps']} steps, {result['triplets_per_s']} triplets/s"
+
+
+def export(job, result):
+    target = os.path.join(job.work, 'weights-fp16.safetensors')
+    if os.path.exists(target):
+        os.remove(target)
+    job.python('train.py', '--export', os.path.join(job.work, 'train', 'ckpt.pt'), target)
+    for old in glob.glob(os.path.join(job.out, 'weights-fp16.safetensors.*of*')):
+        os.remove(old)
+    result['parts'] = split(target, job.out)
+    result['sha256'] = hashlib.sha256(open(target, 'rb').read()).hexdigest()
+    result['note'] = f"join: python gpu_round.py --join {' '.join(result['parts'])} weights.safetensors"
 
 
 def psnr(a, b):
@@ -398,7 +426,7 @@ def main(argv=None):
             args.batch = 2
         os.makedirs(args.out, exist_ok=True)
         os.makedirs(args.work, exist_ok=True)
-    except (StepError, OSError) as error:
+    except (StepError, InputError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
     return Round(args).run()

@@ -1,5 +1,5 @@
 """torch.hub entry point: torch.hub.load('/path/to/sepconv', 'sepconv', 'l1', source='local')."""
-from model import load_network, resolve_device
+from model import load_network
 
 dependencies = ['torch', 'numpy', 'PIL', 'safetensors']
 
@@ -10,5 +10,5 @@ def sepconv(variant='l1', weights=None, device='cpu'):
     variant: the bundled weights, 'l1' or 'lf'. Pass it positionally or as variant=: torch.hub.load's
     own second parameter is called `model`, so model='l1' never reaches this function.
     weights: a .safetensors file, or an original sepconv-slomo .pytorch state dict, to load instead.
-    device: 'cpu' (default), 'cuda' or 'auto'."""
-    return load_network(variant, weights, resolve_device(device))
+    device: 'cpu' (default), 'cuda', 'auto' or a torch.device."""
+    return load_network(variant, weights, device)

@@ -1,16 +1,31 @@
 """Image files and folders of frames: read as H x W x 3 uint8 RGB, written whole or not at all."""
+import contextlib
 import os
 import re
-import tempfile
+import warnings
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from cli import InputError, reason
+from files import check_writable, write_file
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
 UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError)  # what Pillow raises for bad files
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+TIFF_SAMPLE_FORMAT, TIFF_SIGNED = 339, 2
+ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+
+
+@contextlib.contextmanager
+def _reading(name):
+    """Pillow's errors while decoding or converting the image `name` become one InputError line."""
+    try:
+        yield
+    except InputError:
+        raise
+    except UNREADABLE as error:
+        raise InputError(f'cannot read image {name}: {reason(error)}') from None
 
 
 def _open_image(path):
@@ -21,11 +36,11 @@ def _open_image(path):
     if os.path.getsize(path) == 0:
         raise InputError(f'image file is empty: {path}')
     try:
-        image = Image.open(path)
+        with _reading(path), warnings.catch_warnings():  # a large image is check_memory's to refuse, in one line
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            image = Image.open(path)
     except Image.DecompressionBombError as error:
         raise InputError(f'image {path} is too large: {error}') from None
-    except UNREADABLE as error:
-        raise InputError(f'cannot read image {path}: {reason(error)}') from None
     if getattr(image, 'n_frames', 1) > 1:
         image.close()
         raise InputError(f'{path} is an animation, not a still image: pass it as --video instead')
@@ -34,41 +49,55 @@ def _open_image(path):
 
 def image_size(path):
     """(width, height) of an image as viewers show it (EXIF orientation applied), from its header alone."""
-    with _open_image(path) as image:
-        try:
-            swapped = image.getexif().get(ExifTags.Base.Orientation) in TRANSPOSING_ORIENTATIONS
-        except UNREADABLE as error:  # reading EXIF can mean reading a PNG's chunks to their damaged end
-            raise InputError(f'cannot read image {path}: {reason(error)}') from None
+    with _open_image(path) as image, _reading(path):  # EXIF can lie in a PNG's chunks, up to their damaged end
+        swapped = image.getexif().get(ExifTags.Base.Orientation) in TRANSPOSING_ORIENTATIONS
         return image.size[::-1] if swapped else image.size
 
 
+def check_range(values, name, top=1.0):
+    """Refuse values (a numpy array or a tensor) outside [0, top]: NaN, infinities and levels of another scale."""
+    low, high = float(values.min()), float(values.max())
+    if low != low or high != high:
+        raise InputError(f'{name} has NaN (not-a-number) values')
+    if not 0 <= low <= high <= top:
+        raise InputError(f'{name} has values from {low:g} to {high:g}; expected 0 to {top:g}')
+
+
+def _largest_level(image, name):
+    """The top of the scale of a 16-bit integer ('I;16', or 'I' from a PGM or PPM) or float ('F') image."""
+    if image.mode == 'F':
+        return 1.0
+    if image.mode.startswith('I;16') or image.format == 'PPM':  # Pillow reads a PPM of over 8 bits as 16-bit 'I'
+        return 65535
+    raise InputError(f'cannot read image {name}: 32-bit integer samples are not supported (save it with 8 or 16 bits)')
+
+
+def _grey_levels(image, name):
+    """A 16-bit integer or float grey image as 8-bit levels, scaled by the top of its own scale."""
+    top = _largest_level(image, name)
+    values = np.asarray(image, dtype=np.float64)
+    check_range(values, f'image {name}', top)
+    return (values * (255.0 / top)).round().astype(np.uint8)
+
+
+def image_array(image, name):
+    """H x W x 3 uint8 RGB of a PIL image at its real depth: integers scaled by the top of their scale, float
+    ('F') images taken as 0 to 1, alpha composited on white; signed samples and other scales are refused."""
+    if TIFF_SIGNED in np.ravel(getattr(image, 'tag_v2', {}).get(TIFF_SAMPLE_FORMAT, ())):
+        raise InputError(f'cannot read image {name}: signed integer samples have no display range')
+    with _reading(name):
+        if image.mode == 'F' or image.mode.startswith('I'):
+            image = Image.fromarray(_grey_levels(image, name))
+        if image.mode in ALPHA_MODES or 'transparency' in image.info:
+            image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
+        return np.asarray(image.convert('RGB'))
+
+
 def read_image(path):
-    """H x W x 3 uint8 RGB, upright as viewers show it; grayscale, palette, alpha and 16-bit images are converted."""
-    try:
-        with _open_image(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-                array = np.asarray(image, dtype=np.float64)
-                image = Image.fromarray((array / (65535.0 if array.max() > 255 else 255.0) * 255.0).round()
-                                        .clip(0, 255).astype(np.uint8))
-            if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-                image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))
-            return np.asarray(image.convert('RGB'))
-    except UNREADABLE as error:
-        raise InputError(f'cannot read image {path}: {reason(error)}') from None
-
-
-def check_writable(path):
-    """Create the folder that will hold `path` and make sure a file can be written there."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise InputError(f'cannot create output folder {folder}: {error.strerror}') from None
-    if os.path.isdir(path):
-        raise InputError(f'output path is a directory: {path}')
-    if not os.access(folder, os.W_OK):
-        raise InputError(f'output folder is not writable: {folder}')
+    """H x W x 3 uint8 RGB, upright as viewers show it, every depth and kind converted by image_array."""
+    with _open_image(path) as image, _reading(path):
+        ImageOps.exif_transpose(image, in_place=True)  # in place, the file's depth and format stay known
+        return image_array(image, path)
 
 
 def check_image_output(path):
@@ -77,46 +106,12 @@ def check_image_output(path):
     check_writable(path)
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def temporary_beside(path, folder=False):
-    """A hidden temporary file (same extension) or folder beside `path`, to be renamed onto it when complete,
-    with the mode a new file or folder would get (mkstemp and mkdtemp make them private)."""
-    parent, name = os.path.split(os.path.abspath(path))
-    if folder:
-        temporary = tempfile.mkdtemp(prefix=f'.{name}.', dir=parent)
-        os.chmod(temporary, 0o777 & ~_umask())
-        return temporary
-    handle, temporary = tempfile.mkstemp(prefix=f'.{name}.', suffix=os.path.splitext(name)[1], dir=parent)
-    os.close(handle)
-    os.chmod(temporary, 0o666 & ~_umask())
-    return temporary
-
-
 def save_image(path, array, output):
     """Save to `path`; failing (a full disk, ...) is an InputError about `output`, the path the user gave."""
     try:
         Image.fromarray(array).save(path)
     except OSError as error:
         raise InputError(f'cannot write {output}: {error.strerror or reason(error)}') from None
-
-
-def write_file(path, save):
-    """Write `path` whole or not at all: save(temporary) fills a temporary file beside it, renamed onto it once
-    complete; an OSError (a full disk, ...) becomes an InputError."""
-    temporary = temporary_beside(path)
-    try:
-        save(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise InputError(f'cannot write {path}: {error.strerror or reason(error)}') from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def write_image(path, array):

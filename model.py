@@ -1,4 +1,5 @@
 """The SepConv network (Niklaus et al., ICCV 2017), its weights, and the `interpolate` API."""
+import ctypes
 import math
 import os
 import pickle
@@ -9,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cli import InputError, check_choice, reason
-from sepconv import sepconv_pair
+from cli import InputError, check_choice, path_argument, reason
+from images import check_range, image_array
+from sepconv import BAND_COLUMNS, BAND_ROWS, sepconv_pair
 
 KERNEL_SIZE = 51
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
@@ -21,22 +23,22 @@ PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float
 
 def _basic(channels_in, channels_out):
     return torch.nn.Sequential(
-        torch.nn.Conv2d(channels_in, channels_out, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(channels_out, channels_out, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(channels_out, channels_out, 3, padding=1), torch.nn.ReLU())
+        torch.nn.Conv2d(channels_in, channels_out, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(channels_out, channels_out, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(channels_out, channels_out, 3, padding=1), torch.nn.ReLU(inplace=True))
 
 
 def _upsample(channels):
     return torch.nn.Sequential(
         torch.nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True),
-        torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU())
+        torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(inplace=True))
 
 
 def _subnet():
     return torch.nn.Sequential(
-        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(64, KERNEL_SIZE, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(64, KERNEL_SIZE, 3, padding=1), torch.nn.ReLU(inplace=True),
         torch.nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True),
         torch.nn.Conv2d(KERNEL_SIZE, KERNEL_SIZE, 3, padding=1))
 
@@ -64,10 +66,14 @@ class Network(torch.nn.Module):
         self.netHorizontal1 = _subnet()
         self.netHorizontal2 = _subnet()
 
-    def kernels(self, one, two):
-        """Vertical1, horizontal1, vertical2, horizontal2 kernels, each N x 51 x H x W."""
+    def kernels(self, one, two, size=None):
+        """Vertical1, horizontal1, vertical2, horizontal2 kernels, each N x 51 x H x W, or only their top-left
+        size = (height, width), the heads then computing just what those pixels depend on (the same values)."""
         pool = lambda x: F.avg_pool2d(x, kernel_size=2, stride=2)
-        conv1 = self.netConv1(torch.cat([one, two], 1))
+        both = torch.cat([one, two], 1)
+        if both.device.type == 'cpu':  # oneDNN's convolutions run fastest in channels_last on the CPU
+            both = both.contiguous(memory_format=torch.channels_last)
+        conv1 = self.netConv1(both)
         conv2 = self.netConv2(pool(conv1))
         conv3 = self.netConv3(pool(conv2))
         conv4 = self.netConv4(pool(conv3))
@@ -77,15 +83,28 @@ class Network(torch.nn.Module):
         deconv3 = self.netUpsample3(self.netDeconv3(deconv4 + conv4))
         deconv2 = self.netUpsample2(self.netDeconv2(deconv3 + conv3))
         combine = deconv2 + conv2
-        return (self.netVertical1(combine), self.netHorizontal1(combine),
-                self.netVertical2(combine), self.netHorizontal2(combine))
+        heads = self.netVertical1, self.netHorizontal1, self.netVertical2, self.netHorizontal2
+        return tuple(head(combine) if size is None else _head_top_left(head, combine, size) for head in heads)
 
-    def forward(self, one, two):
-        """Middle frame of two N x 3 x H x W BGR frames in [0, 1] (H, W multiples of 32)."""
-        vertical1, horizontal1, vertical2, horizontal2 = self.kernels(one, two)
-        border = [KERNEL_SIZE // 2] * 4
-        return sepconv_pair(F.pad(one, border, mode='replicate'), vertical1, horizontal1,
-                            F.pad(two, border, mode='replicate'), vertical2, horizontal2)
+    def forward(self, one, two, size=None):
+        """Middle frame of two N x 3 x H x W BGR frames in [0, 1] (H, W multiples of 32), or only its
+        top-left size = (height, width) in less time: the same values, to the bit in whole blocks of the op."""
+        height, width = size or one.shape[-2:]
+        kernels = self.kernels(one, two, size)
+        pad = lambda x: F.pad(x, [KERNEL_SIZE // 2] * 4, mode='replicate')[
+            ..., :height + KERNEL_SIZE - 1, :width + KERNEL_SIZE - 1]
+        return sepconv_pair(pad(one), kernels[0], kernels[1], pad(two), kernels[2], kernels[3])
+
+
+def _head_top_left(head, combine, size):
+    """head(combine)[..., :height, :width]. Those pixels read the upsampled map up to row height and column
+    width, which reads the half-resolution features up to height // 2 + 1 and width // 2 + 1, which three
+    3x3 convolutions compute exactly from combine up to 3 pixels further. The upsampling itself runs on
+    the whole map, since align_corners makes its weights depend on the map's size."""
+    height, width = size
+    features = head[:6](combine[..., :height // 2 + 5, :width // 2 + 5])
+    features = F.pad(features, [0, combine.shape[3] - features.shape[3], 0, combine.shape[2] - features.shape[2]])
+    return head[7](head[6](features)[..., :height + 1, :width + 1])[..., :height, :width]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +121,8 @@ def weights_path(model):
 
 def load_state_dict(path):
     """Our fp16 safetensors, or an original sepconv-slomo `.pytorch` state dict (keys 'moduleX')."""
+    if os.path.isdir(path):
+        raise InputError(f'weights {path} is a folder, not a weights file')
     if not os.path.isfile(path):
         raise InputError(f'weights file not found: {path} (train one with train.py, or pass --weights '
                          'PATH to a network-l1.pytorch / network-lf.pytorch from sepconv-slomo)')
@@ -121,11 +142,14 @@ def load_state_dict(path):
 
 
 def load_network(model='l1', weights=None, device='cpu'):
-    """A Network in eval mode with the bundled `model` weights, or those at `weights`."""
+    """A Network in eval mode with the bundled `model` weights, or those at `weights` (a path), on `device`
+    ('auto', 'cpu', 'cuda' or a torch.device)."""
     check_choice('model', model, MODELS)
+    device = resolve_device(device)
+    path = weights_path(model) if weights is None else path_argument('weights', weights)
+    state = load_state_dict(path)
     network = Network()
-    path = weights or weights_path(model)
-    state, expected = load_state_dict(path), network.state_dict()
+    expected = network.state_dict()
     wrong = sorted(expected.keys() ^ state.keys()) + [key for key in expected.keys() & state.keys()
                                                        if state[key].shape != expected[key].shape]
     if wrong:
@@ -142,25 +166,48 @@ DEVICES = ('auto', 'cpu', 'cuda')
 
 
 def resolve_device(name='auto'):
-    check_choice('device', name, DEVICES)
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cuda' and not torch.cuda.is_available():
+    """The torch.device for 'auto', 'cpu', 'cuda' or a torch.device, checked against what this machine has."""
+    if not isinstance(name, torch.device):
+        check_choice('device', name, DEVICES)
+        if name == 'auto':
+            return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = torch.device(name)
+    if device.type not in DEVICES:
+        raise InputError(f"unknown device '{device}' (choose from {', '.join(DEVICES)})")
+    if device.type == 'cuda' and not torch.cuda.is_available():
         raise InputError('--device cuda was asked for, but no CUDA device is available')
-    return torch.device(name)
+    return device
+
+
+def check_options(padding, precision):
+    check_choice('padding', padding, PADDINGS)
+    check_choice('precision', precision, PRECISIONS)
 
 
 def estimate(network, one, two, padding='paper', precision='fp32', channels_last=False):
     """Middle frames of N x 3 x H x W RGB tensors in [0, 1], as the original run.py computes them.
 
-    Speed options, meant for CUDA (the defaults compute exactly as before): precision 'bf16' or 'fp16'
-    runs the network under autocast (sepconv still accumulates in fp32); channels_last passes the inputs
-    as NHWC, which tensor-core convolutions prefer, and pays off once the caller has converted the
-    network too: network.to(memory_format=torch.channels_last). estimate changes neither the network
+    The network computes only the top-left part of the padded frames that holds the output, rounded up to
+    whole blocks of the sepconv op: the same values as network(one, two) cropped, in less time. Speed
+    options, meant for CUDA (on the CPU the network computes in channels_last anyway): precision 'bf16'
+    or 'fp16' runs the network under autocast (sepconv still accumulates in fp32); channels_last passes
+    the inputs as NHWC, which tensor-core convolutions prefer, and pays off once the caller has converted
+    the network too: network.to(memory_format=torch.channels_last). estimate changes neither the network
     nor global settings such as torch.backends.cudnn.benchmark.
     """
-    check_choice('padding', padding, PADDINGS)
-    check_choice('precision', precision, PRECISIONS)
+    check_options(padding, precision)
+    height, width = one.shape[-2:]
+    one, two, border, size = network_input(one, two, padding)
+    if channels_last:
+        one, two = (x.contiguous(memory_format=torch.channels_last) for x in (one, two))
+    with torch.no_grad(), torch.autocast(one.device.type, PRECISIONS[precision], enabled=precision != 'fp32'):
+        output = network(one, two, size) if isinstance(network, Network) else network(one, two)  # any module
+    return output[:, :, border:border + height, border:border + width].flip(1).clamp(0.0, 1.0)
+
+
+def network_input(one, two, padding):
+    """The network's BGR input frames for N x 3 x H x W RGB frames, their border on the top and left, and
+    the top-left size of the network's output that holds the frames, in whole blocks of the sepconv op."""
     height, width = one.shape[-2:]
     # 'paper' adds 25 px of replicated border, as published; both paddings then round each side up to
     # a multiple of 128 (the original's arithmetic), which the network's five poolings need with room to spare.
@@ -168,36 +215,103 @@ def estimate(network, one, two, padding='paper', precision='fp32', channels_last
     right = math.ceil((width + 2 * border) / 128) * 128 - width - border
     bottom = math.ceil((height + 2 * border) / 128) * 128 - height - border
     pad = lambda x: F.pad(x.flip(1), [border, right, border, bottom], mode='replicate')
-    one, two = pad(one), pad(two)
-    if channels_last:
-        one, two = (x.contiguous(memory_format=torch.channels_last) for x in (one, two))
-    with torch.no_grad(), torch.autocast(one.device.type, PRECISIONS[precision], enabled=precision != 'fp32'):
-        output = network(one, two)
-    return output[:, :, border:border + height, border:border + width].flip(1).clamp(0.0, 1.0)
+    size = (math.ceil((border + height) / BAND_ROWS) * BAND_ROWS,
+            math.ceil((border + width) / BAND_COLUMNS) * BAND_COLUMNS)
+    return pad(one), pad(two), border, size
+
+
+def keep_freed_memory():
+    """For programs that own their process, such as the commands: glibc serves large tensors from its heap
+    and keeps freed memory for the next ones (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB), instead of
+    mapping fresh zeroed pages for every activation. 1280x720 interpolation on 2 AVX2 cores then takes about
+    6 s instead of 8-9; the resident set stays near its peak. Returns False where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-4, 0)) and bool(mallopt(-1, 2 ** 31 - 1))  # M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
+def _frame_kind(frame, name):
+    """What interpolate takes: 'tensor' (float), 'PIL image', 'uint8 array' or 'float array'; the rest is refused."""
+    if isinstance(frame, torch.Tensor):
+        if not frame.is_floating_point():
+            raise InputError(f'{name} is a tensor of {frame.dtype}; tensors must be float, in [0, 1]')
+        return 'tensor'
+    if isinstance(frame, Image.Image):
+        return 'PIL image'
+    if isinstance(frame, np.ndarray):
+        if frame.dtype == np.uint8:
+            return 'uint8 array'
+        if frame.dtype.kind == 'f':
+            return 'float array'
+        raise InputError(f'{name} is an array of {frame.dtype}; arrays must be uint8, or float in [0, 1]')
+    if isinstance(frame, (str, bytes, os.PathLike)):
+        raise InputError(f'{name} is a path; interpolate takes images (read files with images.read_image)')
+    raise InputError(f'{name} has type {type(frame).__name__}; interpolate takes numpy arrays, PIL images or tensors')
+
+
+def _frame_tensor(frame, kind, name):
+    """A frame of `kind` as a float32 N x 3 x H x W tensor, and the shape it was checked to have."""
+    if kind == 'PIL image':
+        frame = image_array(frame, name)
+    frame = frame.detach() if kind == 'tensor' else np.asarray(frame)  # no autograd; no ndarray subclasses
+    shape = tuple(frame.shape)
+    if kind == 'tensor':
+        layout, fits = '3 x H x W or N x 3 x H x W', len(shape) in (3, 4) and shape[-3] == 3
+    else:
+        layout, fits = 'H x W x 3', len(shape) == 3 and shape[2] == 3
+    if not fits or 0 in shape:
+        raise InputError(f'{name} has shape {shape}; expected {layout} (RGB, at least 1 x 1)')
+    if kind in ('tensor', 'float array'):
+        check_range(frame, name)
+    if kind == 'tensor':
+        return (frame.float() if frame.dim() == 4 else frame.float()[None]), shape
+    scale = 1.0 if kind == 'float array' else 255.0
+    return torch.from_numpy(frame.astype(np.float32) / scale).permute(2, 0, 1)[None], shape
+
+
+def _frames(one, two):
+    """Both frames as float32 N x 3 x H x W tensors, and their kind; frames of two kinds or shapes are refused."""
+    kind, other = _frame_kind(one, 'one'), _frame_kind(two, 'two')
+    if kind != other:
+        raise InputError(f'one is a {kind}, two a {other}; pass both frames as the same kind')
+    (one, shape_one), (two, shape_two) = _frame_tensor(one, kind, 'one'), _frame_tensor(two, kind, 'two')
+    if shape_one != shape_two:
+        raise InputError(f'one and two differ in shape: {shape_one} and {shape_two}')
+    return one, two, kind
+
+
+def _network(network, model):
+    """`network` as given, or the bundled `model` weights when it is None."""
+    if network is None:
+        return load_network(model, device='auto')
+    if not isinstance(network, torch.nn.Module) or next(network.parameters(), None) is None:
+        given = repr(network) if isinstance(network, str) else type(network).__name__
+        raise InputError(f'network must be a Network (from load_network or torch.hub.load), got {given}; '
+                         'model= names the bundled weights')
+    return network
 
 
 def interpolate(one, two, network=None, model='l1', padding='paper', precision='fp32'):
-    """Middle frame between `one` and `two`.
+    """Middle frame between `one` and `two`, checked before any work (InputError, one line).
 
-    Images are H x W x 3 RGB numpy arrays (uint8, or float in [0, 1]) or PIL images, giving the
-    same kind back; tensors are 3 x H x W or N x 3 x H x W RGB in [0, 1] and give a tensor back.
+    Images are H x W x 3 RGB numpy arrays (uint8, or float in [0, 1]) or PIL images (any mode
+    images.read_image reads), giving the same kind back (PIL images as RGB); tensors are float,
+    3 x H x W or N x 3 x H x W RGB in [0, 1], and give a tensor back. Both frames are of one kind.
     """
-    network = network or load_network(model, device=resolve_device())
+    batched = isinstance(one, torch.Tensor) and one.dim() == 4
+    one, two, kind = _frames(one, two)
+    check_options(padding, precision)
+    network = _network(network, model)
     device = next(network.parameters()).device
-    if isinstance(one, torch.Tensor):
-        batched = one.dim() == 4
-        one, two = (t if batched else t[None] for t in (one, two))
-        output = estimate(network, one.to(device).float(), two.to(device).float(), padding, precision)
+    output = estimate(network, one.to(device), two.to(device), padding, precision)
+    if kind == 'tensor':
         return output if batched else output[0]
-    arrays = [np.asarray(image) for image in (one, two)]
-    if arrays[0].shape != arrays[1].shape or arrays[0].ndim != 3 or arrays[0].shape[2] != 3:
-        raise InputError('interpolate expects two H x W x 3 images of the same size')
-    scale = 255.0 if arrays[0].dtype == np.uint8 else 1.0
-    tensors = [torch.from_numpy(a.astype(np.float32) / scale).permute(2, 0, 1)[None].to(device) for a in arrays]
-    output = estimate(network, *tensors, padding, precision)[0].permute(1, 2, 0).cpu().numpy()
-    if scale == 1.0:
-        return output
+    image = output[0].permute(1, 2, 0).cpu().numpy()
+    if kind == 'float array':
+        return image
     # Rounded to the nearest level: the original truncates, which darkens by half a level on average
     # (benchmark.py truncates, to compare with the published table).
-    output = (output * 255.0).round().astype(np.uint8)
-    return Image.fromarray(output) if isinstance(one, Image.Image) else output
+    image = (image * 255.0).round().astype(np.uint8)
+    return Image.fromarray(image) if kind == 'PIL image' else image

@@ -1,27 +1,34 @@
 """SepConv frame interpolation from the command line.
 
 Pair mode:  python run.py --one A.png --two B.png --out middle.png
-Video mode: python run.py --video in.mp4 --out out.mp4 [--factor 2|4|8] [--fps F | --slowmo]
+Video mode: python run.py --video in.mp4 --out out.mp4 [--fps F | --factor N] [--slowmo]
 """
-import os
 import sys
+from fractions import Fraction
 
 import cli
 from cli import ArgumentParser, InputError
+from files import check_not_an_input
 from images import check_image_output, image_size, read_image, write_image
-from media import check_memory, interpolate_video
+from media import MAX_DEPTH, MAX_TIME_ERROR, check_memory, interpolate_video
 from model import DEVICES, MODELS, PADDINGS, interpolate, load_network, resolve_device
 
-VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'no_scene_detect', 'batch_size')
+VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'max_time_error', 'no_scene_detect', 'batch_size')
 
 EXAMPLES = """examples:
   python run.py --one images/one.png --two images/two.png --out middle.png
-  python run.py --video videos/bunny.mp4 --out bunny-25fps.mp4
+  python run.py --video videos/bunny.mp4 --out bunny-60fps.mp4 --fps 60
+  python run.py --video videos/bunny.mp4 --out bunny-25fps.mp4        (--factor 2, the default)
   python run.py --video videos/bunny.mp4 --out bunny-slow.mp4 --factor 4 --slowmo
   python run.py --video frames/ --out frames-x2/      (folders of images in, numbered PNGs out)
 
-In video mode the output keeps every input frame and adds factor - 1 between each pair, at
-factor x the input frame rate (same duration, audio kept). Frame folders count as 25 fps.
+In video mode the output keeps the input's duration and audio: --fps F samples it at F frames
+per second, --factor N at N x the input rate; --slowmo plays those frames at the input rate
+(or at --fps) instead, without audio. An output frame due on an input frame copies it; SepConv
+makes midpoints, so a time between two input frames is reached by halving the interval, and
+each output frame lies within --max-time-error (of an input frame interval) of its exact time;
+a power-of-two --factor is exact. The last line counts the network evaluations. Frame folders
+count as 25 fps.
 
 Defaults that differ from the original sepconv-slomo (lf, improved): --model l1, because only l1
 weights ship (and l1 is the model the paper scores); --padding paper, the padding the paper's
@@ -32,20 +39,27 @@ figures were computed with.
 def parse_args(argv=None):
     parser = ArgumentParser(
         usage='%(prog)s --one A --two B --out C [options]                              (pair mode)\n'
-              '       %(prog)s --video IN --out OUT [--factor N] [--fps F | --slowmo] [options]  (video mode)',
+              '       %(prog)s --video IN --out OUT [--fps F | --factor N] [--slowmo] [options]  (video mode)',
         description='SepConv video frame interpolation (Niklaus et al., ICCV 2017): the middle frame of '
-                    'an image pair, or a video (or folder of frames) at a higher frame rate.',
+                    'an image pair, or a video (or folder of frames) at another frame rate.',
         epilog=EXAMPLES, formatter_class=cli.HelpFormatter)
     pair = parser.add_argument_group('pair mode')
     pair.add_argument('--one', metavar='A', help='first frame (image)')
     pair.add_argument('--two', metavar='B', help='second frame (image)')
     video = parser.add_argument_group('video mode')
     video.add_argument('--video', metavar='IN', help='input video file, or folder of frames (natural name order)')
-    video.add_argument('--factor', type=int, metavar='N', help='frames out per frame in: 2, 4, 8, ... (default 2)')
-    video.add_argument('--fps', type=float, metavar='F', help='output frame rate, 1 to 1000 '
-                                                              '(default: factor x the input rate)')
-    video.add_argument('--slowmo', action='store_true', help='keep the input frame rate: factor x slower, '
-                                                              'audio dropped')
+    video.add_argument('--fps', type=number, metavar='F',
+                       help='output frame rate, 1 to 1000 (e.g. 60 or 30000/1001), same duration; '
+                            'with --slowmo: factor x the frames played at F fps')
+    video.add_argument('--factor', type=int, metavar='N',
+                       help='frames out per frame in, any whole number from 2 (default 2); the output rate '
+                            'must stay within 1 to 1000 fps')
+    video.add_argument('--slowmo', action='store_true', help='play at the input frame rate (or --fps): factor x '
+                                                              'slower, audio dropped')
+    video.add_argument('--max-time-error', type=number, metavar='E',
+                       help='how far at most an output frame lies from its exact time, in input frame intervals, '
+                            f'1/{2 ** MAX_DEPTH} to 1/2 (default 1/16: times rounded to eighths of an interval, at most '
+                            '7 network evaluations per pair of input frames; a power-of-two --factor is exact)')
     video.add_argument('--no-scene-detect', action='store_true', help='interpolate across scene cuts too '
                                                                       '(default: repeat the frame before a cut)')
     video.add_argument('--batch-size', type=int, metavar='N',
@@ -63,14 +77,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def number(text):
+    """A number or a ratio such as 30000/1001, kept exact (nan and inf pass, for the range checks' message)."""
+    try:
+        return Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return float(text)
+
+
 def run_pair(args):
     if not (args.one and args.two):
         raise InputError('give --one and --two (pair mode) or --video (video mode)')
     used = [f"--{name.replace('_', '-')}" for name in VIDEO_OPTIONS if getattr(args, name) not in (None, False)]
     if used:
         raise InputError(f"video-mode options without --video: {', '.join(used)}")
-    if os.path.abspath(args.out) in (os.path.abspath(args.one), os.path.abspath(args.two)):
-        raise InputError(f'output {args.out} would overwrite an input')
+    check_not_an_input(args.out, [args.one, args.two, args.weights])
     check_image_output(args.out)
     size_one, size_two = image_size(args.one), image_size(args.two)
     if size_one != size_two:
@@ -86,12 +107,11 @@ def run_pair(args):
 def run_video(args):
     if args.one or args.two:
         raise InputError('give either --video or --one/--two, not both')
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f'--batch-size must be at least 1, got {args.batch_size}')
-    interpolate_video(args.video, args.out, model=args.model, weights=args.weights,
-                      factor=2 if args.factor is None else args.factor, fps=args.fps, slowmo=args.slowmo,
-                      scene_detect=not args.no_scene_detect, padding=args.padding, device=args.device,
-                      batch_size=args.batch_size)
+    summary = interpolate_video(args.video, args.out, model=args.model, weights=args.weights, factor=args.factor,
+                                fps=args.fps, slowmo=args.slowmo, scene_detect=not args.no_scene_detect,
+                                padding=args.padding, device=args.device, batch_size=args.batch_size,
+                                max_time_error=MAX_TIME_ERROR if args.max_time_error is None else args.max_time_error)
+    cli.say(summary)
 
 
 def main(argv=None):

@@ -5,9 +5,10 @@
 input is N x C x (H + K - 1) x (W + K - 1), vertical and horizontal are N x K x H x W.
 `sepconv_pair` sums the op over two frames (the network's output) in one pass.
 On CUDA tensors with CuPy installed the op runs as hand-written CUDA kernels; everywhere
-else it runs as vectorised PyTorch. Both paths accumulate in float32 (float64 for float64
-inputs) and return that dtype, so the op is safe under autocast; the CUDA kernels read
-float16 / bfloat16 tensors as they are, which gives the same result as upcasting them first.
+else it runs in PyTorch, the forward as batched matmuls (_block). Both paths accumulate in
+float32 (float64 for float64 inputs) and return that dtype, so the op is safe under autocast;
+the CUDA kernels read float16 / bfloat16 tensors as they are, which gives the same result as
+upcasting them first.
 """
 import warnings
 
@@ -18,7 +19,8 @@ try:
 except ImportError:
     cupy = None
 
-CHUNK_ELEMENTS = 1 << 20  # rows per PyTorch-path chunk are chosen so a chunk stays cache-sized
+CHUNK_ELEMENTS = 1 << 20  # the backward's rows per chunk are chosen so a chunk stays cache-sized
+BAND_ROWS, BAND_COLUMNS = 64, 32  # the forward's blocks of output pixels
 
 
 def _rows_per_chunk(batch, channels, width):
@@ -35,17 +37,39 @@ def _horizontal_pass(rows, horizontal, out):
 
 
 def _forward_torch(input, vertical, horizontal):
+    """The op as one batched matmul per block of BAND_ROWS x BAND_COLUMNS output pixels (see _block).
+    Reads any strides: channels_last kernels, as the network gives them on the CPU, are read in place."""
     batch, size, height, width = vertical.shape
-    output = input.new_zeros(batch, input.shape[1], height, width)
-    step = _rows_per_chunk(batch, input.shape[1], width)
-    for y0 in range(0, height, step):
-        y1 = min(height, y0 + step)
-        out, ver, hor = output[:, :, y0:y1], vertical[:, :, y0:y1], horizontal[:, :, y0:y1]
-        row_sum = torch.empty_like(out)
-        for i in range(size):
-            _horizontal_pass(input[:, :, y0 + i:y1 + i], hor, row_sum)
-            out.addcmul_(row_sum, ver[:, i:i + 1])
-    return output
+    output = input.new_empty(batch, height, input.shape[1], width)
+    bands = {}  # zeroed band matrices by block shape: every block writes the same diagonals
+    for n in range(batch):
+        rows = input[n].transpose(0, 1).contiguous()  # (H + K - 1) x C x (W + K - 1): rows (y, c) equally spaced
+        for y0 in range(0, height, BAND_ROWS):
+            for x0 in range(0, width, BAND_COLUMNS):
+                block = slice(y0, y0 + BAND_ROWS), slice(x0, x0 + BAND_COLUMNS)
+                output[n, block[0], :, block[1]] = _block(rows, y0, x0, vertical[n, :, block[0], block[1]],
+                                                          horizontal[n, :, block[0], block[1]], bands)
+    return output.transpose(1, 2)
+
+
+def _block(rows, y0, x0, vertical, horizontal, bands):
+    """The op on the h x w output pixels from (y0, x0), whose taps `vertical` and `horizontal` are K x h x w.
+
+    For each output row the horizontal taps form a band matrix, band[x, x + j] = horizontal[j, y, x], of
+    w x (w + K - 1): the K x C input rows under that row times its transpose are the horizontal sums of
+    every tap row, at matmul speed, K / (w + K - 1) of the multiply-adds being useful. The vertical taps
+    then weight them.
+    """
+    size, height, width = vertical.shape
+    channels, stride = rows.shape[1:]
+    if (height, width) not in bands:
+        bands[height, width] = rows.new_zeros(height, width, width + size - 1)
+    band = bands[height, width]
+    band.as_strided((height, width, size), (band.stride(0), width + size, 1)).copy_(horizontal.permute(1, 2, 0))
+    under = rows.as_strided((height, size * channels, width + size - 1), (channels * stride, stride, 1),
+                            y0 * channels * stride + x0)
+    sums = torch.bmm(under, band.transpose(1, 2)).view(height, size, channels, width)
+    return sums.mul_(vertical.transpose(0, 1).contiguous()[:, :, None]).sum(1)
 
 
 def _backward_torch(input, vertical, horizontal, grad, needs):
@@ -609,15 +633,18 @@ def use_cupy(tensor):
 
 
 def _prepare(tensors):
-    """Tensors as the op computes with them: float64 if any is, else float32 on the PyTorch path; the CUDA
-    kernels read float16 / bfloat16 storage directly (widening it exactly, as an upcast would)."""
+    """Tensors as the op computes with them: float64 if any is, else float32 on the PyTorch path, which reads
+    any strides; the CUDA kernels read contiguous float16 / bfloat16 storage directly (widening it exactly,
+    as an upcast would)."""
     wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     dtypes = [wide, wide]
-    if wide == torch.float32 and tensors[0].is_cuda and cupy is not None:
+    kernels = tensors[0].is_cuda and cupy is not None
+    if wide == torch.float32 and kernels:
         for kind, group in enumerate((tensors[0::3], [t for k, t in enumerate(tensors) if k % 3])):
             if group[0].dtype in CUDA_TYPES and all(t.dtype == group[0].dtype for t in group):
                 dtypes[kind] = group[0].dtype
-    return [t.to(dtypes[k % 3 != 0]).contiguous() for k, t in enumerate(tensors)]
+    prepared = [t.to(dtypes[k % 3 != 0]) for k, t in enumerate(tensors)]
+    return [t.contiguous() for t in prepared] if kernels else prepared
 
 
 class SepconvFunction(torch.autograd.Function):
@@ -643,7 +670,8 @@ class SepconvFunction(torch.autograd.Function):
             gradients = _backward_cuda(frames, grad, needs)
         else:
             gradients = [g for k, frame in enumerate(frames)
-                         for g in _backward_torch(*frame, grad.contiguous(), needs[3 * k:3 * k + 3])]
+                         for g in _backward_torch(*(t.contiguous() for t in frame), grad.contiguous(),
+                                                  needs[3 * k:3 * k + 3])]
         return tuple(None if g is None else g.to(t.dtype) for g, t in zip(gradients, tensors))
 
 

@@ -18,7 +18,8 @@ except ImportError:  # videos then need OpenCV (train.py falls back to it); fram
 import numpy as np
 
 from cli import InputError
-from images import IMAGE_EXTENSIONS, check_writable, frame_paths, image_size, read_image, save_image, temporary_beside
+from files import check_writable, temporary_beside
+from images import IMAGE_EXTENSIONS, frame_paths, image_size, read_image, save_image
 
 OUTPUT_EXTENSIONS = ('.mp4', '.mkv', '.mov')  # written as H.264 (libx264)
 VIDEO_EXTENSIONS = OUTPUT_EXTENSIONS + ('.avi', '.webm')  # what train.py picks from folders as videos
@@ -49,7 +50,7 @@ def exact_fps(fps):
 
 def check_fps(fps):
     if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
-        raise InputError(f'--fps must be between {FPS_RANGE[0]} and {FPS_RANGE[1]}, got {fps:g}')
+        raise InputError(f'--fps must be between {FPS_RANGE[0]} and {FPS_RANGE[1]}, got {float(fps):g}')
 
 
 def _probe(path):

@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from model import Network, load_network
@@ -51,3 +52,18 @@ def moving_square(count, height=48, width=64):
         frame[height // 4:height // 4 + 12, 8 + 6 * index:20 + 6 * index] = (250, 240, 30)
         frames.append(frame)
     return frames
+
+
+def moving_pattern(frames=8, size=48, speed=2, seed=0):
+    """Frames of a random texture sliding right by `speed` pixels per frame."""
+    texture = np.random.default_rng(seed).integers(0, 256, (size, size + frames * speed, 3), dtype=np.uint8)
+    return [np.ascontiguousarray(texture[:, t * speed:t * speed + size]) for t in range(frames)]
+
+
+@pytest.fixture
+def frames_dir(tmp_path):
+    folder = tmp_path / 'clip'
+    folder.mkdir()
+    for index, frame in enumerate(moving_pattern()):
+        Image.fromarray(frame).save(folder / f'{index:03d}.png')
+    return folder

@@ -4,6 +4,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -14,12 +16,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import benchmark
-from cli import InputError
 
 SEQUENCES = ['Beanbags', 'Dimetrodon', 'DogDance', 'Grove2', 'Grove3', 'Hydrangea', 'MiniCooper', 'RubberWhale',
              'Urban2', 'Urban3', 'Venus', 'Walking']
 # tiny constant sequences for the fake archives: frame10, frame11 and ground-truth grey levels
 FAKE = {'Alpha': (0, 100, 60), 'Beta': (10, 30, 40)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read(path):
@@ -99,7 +101,10 @@ def test_random_weights_follow_the_original_protocol(middlebury, random_weights,
 
 def test_bf16_network(middlebury, random_weights, random_network, tmp_path, capsys):
     data = tmp_path / 'data'
-    shutil.copytree(os.path.join(middlebury, 'Venus'), data / 'Venus')
+    (data / 'Venus').mkdir(parents=True)
+    for name in ('frame10', 'frame11', 'frame10i11'):  # a crop: bf16 is emulated, and slow, on AVX2-only CPUs
+        Image.open(os.path.join(middlebury, 'Venus', f'{name}.png')).crop((100, 100, 228, 196)).save(
+            data / 'Venus' / f'{name}.png')
     path = tmp_path / 'bf16.json'
     argv = ['--data', str(data), '--weights', random_weights, '--precision', 'bf16', '--json', str(path)]
     assert benchmark.main(argv) == 0
@@ -237,7 +242,7 @@ def test_unknown_padding_and_model(tmp_path, capsys):
 
 def test_missing_weights(tmp_path, capsys):
     missing = str(tmp_path / 'network.safetensors')
-    assert benchmark.main(['--data', str(tmp_path), '--weights', missing]) == 2
+    assert benchmark.main(['--data', str(fake_data(tmp_path / 'data')), '--weights', missing]) == 2
     assert_one_error_line(capsys, missing)
 
 
@@ -245,3 +250,93 @@ def test_json_path_that_is_a_folder_fails_before_the_work(tmp_path, capsys, monk
     monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
     assert benchmark.main(['--data', str(tmp_path), '--model', 'blend', '--json', str(tmp_path)]) == 2
     assert_one_error_line(capsys, 'output path is a directory')
+
+
+def fake_data(folder, sequences=FAKE, size=(16, 12)):
+    """A Middlebury folder of constant frames: sequences maps a name to the grey levels of its three frames."""
+    for name, levels in sequences.items():
+        (folder / name).mkdir(parents=True)
+        for frame, level in zip(benchmark.FRAMES, levels):
+            Image.new('RGB', size, (level,) * 3).save(folder / name / frame)
+    return folder
+
+
+@pytest.mark.parametrize('target', ['ground truth', 'a link to a frame', 'weights'])
+def test_json_over_an_input_is_refused_before_any_work(tmp_path, random_weights, capsys, monkeypatch, target):
+    data = fake_data(tmp_path / 'data')
+    weights = shutil.copy(random_weights, tmp_path / 'weights.safetensors')
+    os.symlink(data / 'Beta' / 'frame10.png', tmp_path / 'link.json')
+    path = {'ground truth': data / 'Alpha' / 'frame10i11.png', 'a link to a frame': tmp_path / 'link.json',
+            'weights': weights}[target]
+    files = {file: file.read_bytes() for file in (*data.glob('*/*.png'), weights)}
+    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    assert benchmark.main(['--data', str(data), '--weights', str(weights), '--json', str(path)]) == 2
+    assert_one_error_line(capsys, f'output {path} would overwrite an input')
+    assert {file: file.read_bytes() for file in files} == files and os.path.islink(tmp_path / 'link.json')
+
+
+def test_frames_too_small_for_ssim_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    assert benchmark.main(['--data', str(fake_data(tmp_path / 'fits', size=(7, 7))), '--model', 'blend']) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    assert benchmark.main(['--data', str(fake_data(tmp_path / 'small', size=(9, 6))), '--model', 'blend']) == 2
+    assert_one_error_line(capsys, 'Middlebury sequence Alpha has 9x6 frames; SSIM needs at least 7x7')
+
+
+def refuse(constant):
+    raise ValueError(f'not strict JSON: {constant}')
+
+
+def test_equal_frames_give_strict_json_and_no_warning(tmp_path, capsys, recwarn):
+    path = tmp_path / 'same.json'
+    data = fake_data(tmp_path / 'data', {'Same': (40, 40, 40), **FAKE})
+    assert benchmark.main(['--data', str(data), '--model', 'blend', '--json', str(path)]) == 0
+    results = json.loads(path.read_text(), parse_constant=refuse)
+    assert results['sequences']['Same']['psnr'] is None and results['mean']['psnr'] is None
+    assert results['sequences']['Same']['ssim'] == 1.0
+    assert results['sequences']['Beta']['psnr'] == pytest.approx(10 * math.log10(255 ** 2 / 20 ** 2))
+    out, err = output_lines(capsys)
+    assert out[-1] == f'mean PSNR inf SSIM {(1 + 2 * fake_scores()[1]) / 3:.3f}' and err == [] and not recwarn.list
+
+
+def test_long_json_names(tmp_path, capsys, monkeypatch):
+    data = str(fake_data(tmp_path / 'data'))
+    legal = tmp_path / ('r' * 250 + '.json')  # 255 bytes: the temporary name beside it must be shorter
+    assert benchmark.main(['--data', data, '--model', 'blend', '--json', str(legal)]) == 0
+    assert json.loads(legal.read_text())['model'] == 'blend'
+    assert sorted(os.listdir(tmp_path)) == ['data', legal.name]
+    capsys.readouterr()
+    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    for name, message in (('r' * 251 + '.json', 'output name is too long: 256 bytes, at most 255'),
+                          ('', '--json path is empty')):
+        assert benchmark.main(['--data', data, '--model', 'blend', '--json', str(tmp_path / name) if name else '']) == 2
+        assert_one_error_line(capsys, message)
+
+
+class BrokenPipe:
+    def write(self, text):
+        raise BrokenPipeError(32, 'Broken pipe')
+
+    flush = write
+
+
+@pytest.mark.parametrize('stdout, message', [(BrokenPipe(), 'Broken pipe'), (None, 'standard output is closed')])
+def test_a_report_that_cannot_be_printed_is_one_line(tmp_path, capsys, monkeypatch, stdout, message):
+    data = str(fake_data(tmp_path / 'data'))
+    monkeypatch.setattr(sys, 'stdout', stdout)
+    assert benchmark.main(['--data', data, '--model', 'blend', '--json', str(tmp_path / 'r.json')]) == 2
+    monkeypatch.undo()
+    assert_one_error_line(capsys, f'cannot write to standard output: {message}')
+    assert json.loads((tmp_path / 'r.json').read_text())['mean']['psnr'] == pytest.approx(fake_scores()[0])
+
+
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='no /dev/full')
+def test_a_full_stdout_is_one_line_and_exit_2(tmp_path):
+    data = str(fake_data(tmp_path / 'data'))
+    with open('/dev/full', 'w') as full:
+        result = subprocess.run([sys.executable, 'benchmark.py', '--data', data, '--model', 'blend', '--json',
+                                 str(tmp_path / 'r.json')], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
+                                timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == 'error: cannot write to standard output: No space left on device\n'
+    assert json.loads((tmp_path / 'r.json').read_text())['model'] == 'blend'

@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 import gpu_round
+import precision
 from model import Network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +35,12 @@ def test_dry_run_runs_every_step_at_toy_sizes(tmp_path):
     assert tests['failed'] == tests['errors'] == 0 and tests['skipped'] >= 37  # the GPU tests
     network = steps['network']
     assert network['size'] == '64x64' and network['fp32_psnr_vs_cpu'] == 100.0  # the same CPU computation
-    assert 35 < network['bf16_psnr_vs_cpu'] < 100
+    native = precision.native('cpu')  # bf16 is checked and timed only where this CPU computes it natively
+    assert ('bf16_psnr_vs_cpu' in network) == (native == 'bf16')
+    assert 35 < network.get('bf16_psnr_vs_cpu', 50) < 100
     speed = json.loads((out / 'speed.json').read_text())
     assert {(row['size'], row['what'], row['variant']) for row in speed['rows']} >= {
-        ('64x64', 'interpolation', 'fp32'), ('64x64', 'interpolation', 'bf16'), ('64x64', 'sepconv', 'PyTorch path')}
+        ('64x64', 'interpolation', native), ('64x64', 'sepconv', 'PyTorch path')}
     assert all(row['ms'] > 0 for row in speed['rows'])
     assert steps['training']['steps'] == 3 and steps['training']['batch'] == 2 and steps['training']['triplets_per_s'] > 0
     assert (out / 'log.csv').read_text().splitlines()[-1].startswith('3,')
@@ -79,11 +82,11 @@ def test_bad_arguments(capsys, argv, message):
 
 
 def test_read_frames_falls_back_to_opencv(tmp_path):
-    """Where imageio-ffmpeg cannot be imported, train.read_frames decodes with OpenCV, to the same frames."""
+    """Where imageio-ffmpeg cannot be imported, data.read_frames decodes with OpenCV, to the same frames."""
     pytest.importorskip('cv2')
     path, saved = os.path.join(ROOT, 'videos', 'bunny.mp4'), str(tmp_path / 'frames.npy')
     code = ("import sys; sys.modules['imageio_ffmpeg'] = None\n"  # makes `import imageio_ffmpeg` fail
-            f"import numpy, train; numpy.save({saved!r}, numpy.stack(list(train.read_frames({path!r}))))")
+            f"import numpy, data; numpy.save({saved!r}, numpy.stack(list(data.read_frames({path!r}))))")
     subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True, timeout=120)
     frames = np.load(saved)
     assert frames.shape == (8, 180, 320, 3) and frames.dtype == np.uint8

@@ -1,4 +1,5 @@
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -32,3 +33,13 @@ def test_hub_reports_missing_bundled_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(model, 'WEIGHTS_DIR', str(tmp_path))
     with pytest.raises(InputError, match='no bundled l1 weights'):
         torch.hub.load(ROOT, 'sepconv', 'l1', source='local')
+
+
+def test_hub_takes_path_likes_and_devices_and_refuses_the_rest(random_weights):
+    network = torch.hub.load(ROOT, 'sepconv', source='local', weights=pathlib.Path(random_weights),
+                             device=torch.device('cpu'))
+    assert isinstance(network, Network) and next(network.parameters()).device.type == 'cpu'
+    for kwargs, message in (({'device': 'gpu'}, "unknown device 'gpu'"), ({'weights': 42}, 'weights must be a path'),
+                            ({'weights': ROOT}, 'is a folder, not a weights file')):
+        with pytest.raises(InputError, match=message):
+            torch.hub.load(ROOT, 'sepconv', source='local', **{'weights': random_weights, **kwargs})

@@ -1,5 +1,8 @@
 import copy
 import math
+import os
+import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -9,7 +12,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import model
+import sepconv
 from cli import InputError
+from images import image_array
 from model import KERNEL_SIZE, Network, estimate, interpolate, load_network
 
 CENTRE = KERNEL_SIZE // 2
@@ -175,6 +180,123 @@ def test_interpolate_rejects_bad_images(random_network):
         interpolate(one, two, random_network, padding='same')
 
 
+FRAME, OTHER = random_frames(height=8, width=12)
+FLOATS = FRAME / 255.0
+TENSOR = torch.from_numpy(FLOATS).permute(2, 0, 1).float()
+
+
+def with_pixel(frame, value):
+    frame = frame.copy()
+    frame[1, 2, 0] = value
+    return frame
+
+
+# issue 22: rows 7 (kinds and ranges), 8 (NaN, Inf), 9 (mixed kinds), 17 (tensor shapes), and more
+BAD_FRAMES = {
+    'float 0-255': (FRAME.astype(np.float32), OTHER.astype(np.float32),
+                    r'one has values from \d+ to \d+; expected 0 to 1$'),
+    'negative floats': (FLOATS - 0.5, OTHER / 255.0, 'one has values from -0.5'),
+    'int64': (FRAME.astype(np.int64), OTHER.astype(np.int64), 'one is an array of int64'),
+    'uint16': (FRAME.astype(np.uint16) * 257, OTHER.astype(np.uint16), 'one is an array of uint16'),
+    'bool': (FRAME > 9, OTHER > 9, 'one is an array of bool'),
+    'object dtype': (FRAME.astype(object), OTHER.astype(object), 'one is an array of object'),
+    'nested lists': (FRAME.tolist(), OTHER.tolist(), 'one has type list; interpolate takes numpy arrays, PIL images'),
+    'paths': ('one.png', 'two.png', 'one is a path'),
+    'NaN pixel': (with_pixel(FLOATS, np.nan), FLOATS, 'one has NaN'),
+    'Inf pixel': (FLOATS, with_pixel(FLOATS, np.inf), 'two has values from 0 to inf'),
+    'NaN in a tensor': (TENSOR, TENSOR * np.nan, 'two has NaN'),
+    'uint8 and float': (FRAME, FLOATS, 'one is a uint8 array, two a float array'),
+    'float and uint8': (FLOATS, FRAME, 'one is a float array, two a uint8 array'),
+    'tensor and array': (TENSOR, FLOATS, 'one is a tensor, two a float array'),
+    'PIL image and array': (Image.fromarray(FRAME), OTHER, 'one is a PIL image, two a uint8 array'),
+    'H x W arrays': (FRAME[..., 0], OTHER[..., 0], r'one has shape \(8, 12\); expected H x W x 3'),
+    'four channels': (np.dstack([FRAME, FRAME[..., :1]]), np.dstack([OTHER, OTHER[..., :1]]), r'shape \(8, 12, 4\)'),
+    '0 x 0 x 3 arrays': (FRAME[:0, :0], OTHER[:0, :0], r'one has shape \(0, 0, 3\)'),
+    'different sizes': (FRAME, OTHER[:-1], r'one and two differ in shape: \(8, 12, 3\) and \(7, 12, 3\)'),
+    'H x W x 3 tensors': (torch.from_numpy(FLOATS),) * 2 + (r'one has shape \(8, 12, 3\); expected 3 x H x W',),
+    'one-channel tensors': (TENSOR[:1], TENSOR[:1], r'one has shape \(1, 8, 12\)'),
+    'four-channel tensors': (torch.cat([TENSOR, TENSOR[:1]]), torch.cat([TENSOR, TENSOR[:1]]), r'shape \(4, 8, 12\)'),
+    '2-D tensors': (TENSOR[0], TENSOR[0], r'one has shape \(8, 12\)'),
+    '5-D tensors': (TENSOR[None, None], TENSOR[None, None], r'one has shape \(1, 1, 3, 8, 12\)'),
+    'empty batch': (TENSOR[None][:0], TENSOR[None][:0], r'one has shape \(0, 3, 8, 12\)'),
+    'tensor sizes differ': (TENSOR, TENSOR[:, 1:], r'differ in shape: \(3, 8, 12\) and \(3, 7, 12\)'),
+    'batch sizes differ': (TENSOR.expand(2, 3, 8, 12), TENSOR[None], r'\(2, 3, 8, 12\) and \(1, 3, 8, 12\)'),
+    'batched and single': (TENSOR, TENSOR[None], r'\(3, 8, 12\) and \(1, 3, 8, 12\)'),
+    'uint8 tensors': (torch.from_numpy(FRAME).permute(2, 0, 1),) * 2 + ('one is a tensor of torch.uint8',),
+    'tensor over 1': (TENSOR * 255, TENSOR, r'one has values from \d+ to \d+; expected 0 to 1'),
+    'complex tensors': (TENSOR.to(torch.complex64),) * 2 + ('one is a tensor of torch.complex64',),
+}
+
+
+@pytest.mark.parametrize('case', BAD_FRAMES)
+def test_interpolate_refuses_what_the_readme_does_not_promise(random_network, monkeypatch, case):
+    one, two, message = BAD_FRAMES[case]
+    monkeypatch.setattr(model, 'estimate', None)  # refused before any work
+    with pytest.raises(InputError, match=message) as error:
+        interpolate(one, two, random_network)
+    assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('network, message', [('l1', "got 'l1'; model= names the bundled weights"),
+                                              (42, 'got int'), (torch.nn.ReLU(), 'got ReLU')])
+def test_interpolate_refuses_what_is_not_a_network(network, message):
+    with pytest.raises(InputError, match=f'network must be a Network .*{message}'):
+        interpolate(FRAME, OTHER, network)
+
+
+@pytest.mark.parametrize('options, message', [({'padding': 'same'}, "unknown padding 'same'"),
+                                              ({'precision': ['bf16']}, r"unknown precision '\['bf16'\]'"),
+                                              ({'model': 'l2'}, "unknown model 'l2'")])
+def test_interpolate_checks_its_options_before_loading_weights(monkeypatch, options, message):
+    monkeypatch.setattr(model, 'Network', None)  # must not be reached
+    with pytest.raises(InputError, match=message):
+        interpolate(FRAME, OTHER, **options)
+
+
+def test_array_subclasses_views_and_tensors_that_need_grad_are_frames_too(random_network):
+    expected = interpolate(FRAME, OTHER, random_network)
+    masked = interpolate(np.ma.masked_array(FRAME, FRAME > 200), np.ma.masked_array(OTHER), random_network)
+    assert type(masked) is np.ndarray and np.array_equal(masked, expected)
+    one, two = (torch.from_numpy(frame[:, ::-1].copy()).permute(2, 0, 1) / 255.0 for frame in (FRAME, OTHER))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no warning reaches the user
+        flipped = interpolate(one.requires_grad_(), two, random_network)
+    assert np.array_equal((flipped * 255).round().byte().permute(1, 2, 0).numpy(),
+                          interpolate(FRAME[:, ::-1], OTHER[:, ::-1], random_network))
+
+
+def grey_image(levels, mode):
+    """A PIL image of 8-bit grey `levels` in `mode`, at that mode's own depth."""
+    if mode == 'I;16':
+        return Image.fromarray(levels.astype(np.uint16) * 257)
+    if mode == 'F':
+        return Image.fromarray(levels.astype(np.float32) / 255)
+    return Image.fromarray(levels).convert(mode)
+
+
+def test_pil_images_of_every_mode_are_read_at_their_depth(random_network):
+    levels = [frame[..., 1] for frame in (FRAME, OTHER)]
+    for mode in ('L', 'I;16', 'F', 'RGBA', 'P'):
+        assert np.array_equal(image_array(grey_image(levels[0], mode), 'one'), np.dstack([levels[0]] * 3)), mode
+    output = interpolate(*(grey_image(grey, 'I;16') for grey in levels), random_network)
+    assert isinstance(output, Image.Image) and output.mode == 'RGB'
+    assert np.array_equal(np.asarray(output), interpolate(*(np.dstack([grey] * 3) for grey in levels), random_network))
+
+
+def test_load_network_takes_path_likes_and_devices(random_weights, random_network, tmp_path):
+    expected = random_network.state_dict()
+    loaded = load_network(weights=pathlib.Path(random_weights), device=torch.device('cpu')).state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.items())
+    for weights, device, message in ((123, 'cpu', 'weights must be a path, got int'),
+                                     ('', 'cpu', 'weights path is empty'),
+                                     ('a\0b', 'cpu', 'weights path contains a NUL character'),
+                                     (tmp_path, 'cpu', 'is a folder, not a weights file'),
+                                     (os.fsencode(random_weights), 'gpu', "unknown device 'gpu'"),
+                                     (random_weights, torch.device('meta'), "unknown device 'meta'")):
+        with pytest.raises(InputError, match=message):
+            load_network(weights=weights, device=device)
+
+
 def test_network_receives_bgr(random_network):
     red = np.zeros((23, 37, 3), np.uint8)
     red[..., 0] = 255
@@ -249,6 +371,31 @@ def test_speed_options_stay_close_to_fp32(random_network):
     assert torch.backends.cudnn.benchmark == cudnn_benchmark
     network = copy.deepcopy(random_network).to(memory_format=torch.channels_last)
     assert (estimate(network, one, two, channels_last=True) - reference).abs().max() < 1e-5
+
+
+def test_top_left_part_is_the_whole_output_cropped(random_network):
+    one, two = torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        whole_kernels, whole = random_network.kernels(one, two), random_network(one, two)
+        for height, width in ((sepconv.BAND_ROWS, 2 * sepconv.BAND_COLUMNS), (37, 50)):
+            kernels, part = random_network.kernels(one, two, (height, width)), random_network(one, two, (height, width))
+            assert all(torch.equal(p, w[..., :height, :width]) for p, w in zip(kernels, whole_kernels))
+            assert part.shape == (1, 3, height, width)
+            if height % sepconv.BAND_ROWS == 0 and width % sepconv.BAND_COLUMNS == 0:  # the op's blocks as in the whole
+                assert torch.equal(part, whole[..., :height, :width])
+            else:
+                torch.testing.assert_close(part, whole[..., :height, :width], rtol=1e-5,
+                                           atol=1e-5 * whole.abs().max().item())
+
+
+def test_the_network_computes_in_channels_last_on_the_cpu(random_network):
+    seen = []
+    hook = random_network.netConv1[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        estimate(random_network, torch.rand(1, 3, 40, 56), torch.rand(1, 3, 40, 56))
+    finally:
+        hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
 
 
 def test_unknown_precision_is_an_input_error(random_network):

@@ -4,17 +4,20 @@ import resource
 import signal
 import subprocess
 import sys
+import warnings
 from fractions import Fraction
 
 import imageio_ffmpeg
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
 import media
 import run
 from conftest import moving_square
+from images import read_image
 from model import interpolate
 from video import FrameSource
 
@@ -55,6 +58,11 @@ def call(argv, capsys):
     return code, capsys.readouterr().err
 
 
+def blend(network, one, two, padding):
+    """Stands in for model.estimate where the network's output is not what a test looks at."""
+    return (one + two) / 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Video mode, end to end on the CPU
 
@@ -64,34 +72,51 @@ def test_video_keeps_duration_and_audio(tmp_path, random_weights, capsys):
     code, err = call(['--video', clip, '--out', out, '--weights', random_weights], capsys)
     assert code == 0, err
     count, seconds, fps, audio = video_facts(str(out))
-    assert (count, fps, audio) == (9, 20, 'aac')
-    assert seconds == pytest.approx(9 / 20, abs=0.01)
-    assert abs(seconds - 5 / 10) < 1 / 10  # the input's duration, up to one input frame
-    assert '9/9' in err and 'frame/s' in err  # the progress bar, with its rate
+    assert (count, fps, audio) == (10, 20, 'aac')  # the last input frame held for its interval
+    assert seconds == pytest.approx(5 / 10, abs=0.01)  # the input's duration
+    assert '10/10' in err and 'frame/s' in err  # the progress bar, with its rate
+    assert err.splitlines()[-1] == f'wrote {out}: 10 frames at 20 fps from 5 at 10 fps, 4 network evaluations'
     source_frames, output = list(FrameSource(clip)), list(FrameSource(str(out)))
     for index, frame in enumerate(source_frames):  # every input frame is kept, in place
         assert np.abs(output[2 * index].astype(int) - frame).mean() < 4
 
 
-def test_slowmo_keeps_the_rate_and_drops_audio(tmp_path, random_weights, capsys):
+def test_slowmo_keeps_the_rate_and_drops_audio(tmp_path, random_weights, capsys, monkeypatch):
+    monkeypatch.setattr(media, 'estimate', blend)
     clip = make_clip(tmp_path / 'in.mp4', count=4, fps=10)
     out = tmp_path / 'slow.mp4'
     code, err = call(['--video', clip, '--out', out, '--weights', random_weights, '--factor', 4, '--slowmo'], capsys)
     assert code == 0, err
     count, seconds, fps, audio = video_facts(str(out))
-    assert (count, fps, audio) == (13, 10, None)
-    assert seconds == pytest.approx(1.3, abs=0.01)
+    assert (count, fps, audio) == (16, 10, None)
+    assert seconds == pytest.approx(1.6, abs=0.01)
     assert 'notice: audio dropped: --slowmo stretches the video' in err
 
 
-def test_explicit_fps(tmp_path, random_weights, capsys):
+@pytest.mark.parametrize('fps', ['29.97', '30000/1001'])
+def test_fps_keeps_the_duration_and_ntsc_rates_exact(tmp_path, random_weights, capsys, monkeypatch, fps):
+    monkeypatch.setattr(media, 'estimate', blend)
     clip = make_clip(tmp_path / 'in.mp4', count=3, fps=10)
     out = tmp_path / 'out.mp4'
-    code, err = call(['--video', clip, '--out', out, '--weights', random_weights, '--fps', 29.97], capsys)
+    code, err = call(['--video', clip, '--out', out, '--weights', random_weights, '--fps', fps], capsys)
     assert code == 0, err
-    count, _, fps, audio = video_facts(str(out))
-    assert (count, fps, audio) == (5, Fraction(30000, 1001), None)
-    assert 'notice: audio dropped: 29.97 fps changes the duration' in err
+    count, seconds, rate, audio = video_facts(str(out))
+    assert (count, rate, audio) == (9, Fraction(30000, 1001), 'aac')  # ceil(3 x 2.997)
+    assert abs(seconds - 0.3) < 1 / 30
+    assert err.splitlines()[-1].startswith(f'wrote {out}: 9 frames at 29.97 fps from 3 at 10 fps, ')
+
+
+def test_fps_with_slowmo_plays_factor_times_the_frames_at_that_rate(tmp_path, random_weights, capsys, monkeypatch):
+    monkeypatch.setattr(media, 'estimate', blend)
+    clip = make_clip(tmp_path / 'in.mp4', count=3, fps=10)
+    out = tmp_path / 'out.mp4'
+    code, err = call(['--video', clip, '--out', out, '--weights', random_weights, '--factor', 4, '--fps', 15,
+                      '--slowmo'], capsys)
+    assert code == 0, err
+    count, seconds, rate, audio = video_facts(str(out))
+    assert (count, rate, audio) == (12, 15, None)
+    assert seconds == pytest.approx(0.8, abs=0.01)
+    assert 'notice: audio dropped: --slowmo stretches the video' in err
 
 
 def test_frame_folders_in_and_out_match_pair_mode(tmp_path, random_weights, random_network, capsys):
@@ -100,9 +125,10 @@ def test_frame_folders_in_and_out_match_pair_mode(tmp_path, random_weights, rand
                       '--weights', random_weights], capsys)
     assert code == 0, err
     names = sorted(os.listdir(tmp_path / 'out'))
-    assert names == [f'{index:06d}.png' for index in range(5)]
+    assert names == [f'{index:06d}.png' for index in range(6)]
     written = [np.asarray(Image.open(tmp_path / 'out' / name)) for name in names]
     assert np.array_equal(written[0], images[0]) and np.array_equal(written[4], images[2])
+    assert np.array_equal(written[5], images[2])
     assert np.array_equal(written[1], interpolate(images[0], images[1], random_network))
     assert np.array_equal(written[3], interpolate(images[1], images[2], random_network))
 
@@ -115,16 +141,16 @@ def test_odd_and_tiny_frames_keep_their_size(tmp_path, random_weights, capsys):
         assert code == 0, err
         assert 'yuv444p' in err
         source = FrameSource(str(out))
-        assert (source.width, source.height, source.fps, len(list(source))) == (width, height, 50, 5)
+        assert (source.width, source.height, source.fps, len(list(source))) == (width, height, 50, 6)
 
 
 def test_help_shows_both_modes(capsys):
     with pytest.raises(SystemExit) as exit:
         run.main(['--help'])
     assert exit.value.code == 0
-    text = capsys.readouterr().out
+    text = ' '.join(capsys.readouterr().out.split())
     for expected in ('pair mode', 'video mode', '--one A --two B', '--video IN', '--factor', '--slowmo',
-                     '--no-scene-detect', '--fps'):
+                     '--no-scene-detect', '--fps', '--max-time-error', 'default 1/16', 'same duration'):
         assert expected in text
 
 
@@ -151,6 +177,47 @@ def test_pair_mode_converts_image_kinds(tmp_path, random_weights, capsys, mode):
     assert code == 0, err
     expected = (1, 1, 3) if mode == '1x1' else (20, 30, 3)
     assert np.asarray(Image.open(tmp_path / 'mid.png')).shape == expected
+
+
+def save_deep(path, picture, kind):
+    """Save the 8-bit RGB `picture` as `kind`, a picture of more than 8 bits; returns the 8-bit RGB picture it shows."""
+    levels = np.asarray(Image.fromarray(picture).convert('L'))
+    if kind == '16-bit grey, dark':  # the bottom of the 16-bit scale: 134 of 65535 at most
+        dark = levels.astype(np.uint16) * 134 // 255
+        Image.fromarray(dark).save(path)
+        return np.dstack([(dark / 257).round().astype(np.uint8)] * 3)
+    if kind == '16-bit RGB':
+        tifffile.imwrite(path, picture.astype(np.uint16) * 256 + 128, photometric='rgb')
+        return picture  # within 1 level
+    if kind == '10-bit grey PGM':
+        ten_bits = (levels * (1023 / 255)).round().astype('>u2')
+        path.write_bytes(b'P5 %d %d 1023\n' % levels.shape[::-1] + ten_bits.tobytes())
+    else:
+        Image.fromarray(levels.astype(np.float32) / 255).save(path)
+    return np.dstack([levels] * 3)
+
+
+DEEP = {'16-bit grey, dark': 'png', '16-bit RGB': 'tif', '10-bit grey PGM': 'ppm', 'float grey': 'tif'}
+
+
+@pytest.mark.parametrize('kind', DEEP)
+def test_every_depth_is_read_on_its_own_scale(tmp_path, kind):
+    path = tmp_path / f'picture.{DEEP[kind]}'
+    shown = save_deep(path, moving_square(1, 20, 30)[0], kind)
+    assert np.abs(read_image(path).astype(int) - shown).max() <= 1  # issue 22, rows 5 and 6
+
+
+def test_the_same_picture_in_8_and_16_bits_gives_the_same_middle_frame(tmp_path, random_weights, capsys):
+    deep = [tmp_path / f'{index}.png' for index in range(2)]
+    shown = [save_deep(path, frame, '16-bit grey, dark') for path, frame in zip(deep, moving_square(2, 20, 30))]
+    eight = save_frames(tmp_path / 'eight', shown)
+    middles = []
+    for one, two in ((deep[0], deep[1]), (f'{eight}/f0.png', f'{eight}/f1.png')):
+        out = tmp_path / f'mid{len(middles)}.png'
+        code, err = call(['--one', one, '--two', two, '--out', out, '--weights', random_weights], capsys)
+        assert code == 0, err
+        middles.append(np.asarray(Image.open(out)).astype(int))
+    assert np.abs(middles[0] - middles[1]).max() <= 1  # issue 22, row 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +250,12 @@ def bad(tmp_path_factory):
     (folder / 'huge-frames').mkdir()
     for name in ('0.png', '1.png'):
         os.link(folder / 'huge.png', folder / 'huge-frames' / name)
+    grey = np.asarray(Image.fromarray(good[0]).convert('L'))
+    Image.fromarray(np.full(grey.shape, 200, np.float32)).save(folder / 'over-one.tif')
+    Image.fromarray(np.where(grey > 200, np.nan, grey / 255).astype(np.float32)).save(folder / 'nan.tif')
+    tifffile.imwrite(folder / 'signed.tif', grey.astype(np.int16))
+    tifffile.imwrite(folder / 'uint32.tif', grey.astype(np.uint32))
+    os.symlink('a.png', folder / 'link.png')
     return tmp_path
 
 
@@ -209,11 +282,34 @@ BAD_INPUTS = {
     'audio only': (video('tone.m4a'), 'cannot read video in/tone.m4a: it has no video stream'),
     'output is the input': (video('clip.mp4', 'in/clip.mp4'), 'output in/clip.mp4 would overwrite the input'),
     'output is a pair input': (pair('a.png', 'b.png', 'in/b.png'), 'output in/b.png would overwrite an input'),
+    'output links to an input': (pair('a.png', 'b.png', 'in/link.png'),
+                                 'output in/link.png would overwrite an input: in/a.png'),
+    'output name too long': (pair('a.png', 'b.png', f"out/{'x' * 252}.png"), 'output name is too long: 256 bytes'),
+    'float image over 1': (pair('over-one.tif', 'b.png'),
+                           'image in/over-one.tif has values from 200 to 200; expected 0 to 1'),
+    'float image with NaN': (pair('a.png', 'nan.tif'), 'image in/nan.tif has NaN'),
+    'signed image': (pair('signed.tif', 'b.png'), 'cannot read image in/signed.tif: signed integer samples'),
+    '32-bit image': (pair('uint32.tif', 'b.png'), 'cannot read image in/uint32.tif: 32-bit integer samples'),
     'output under a file': (video('clip.mp4', 'in/a-file/out.mp4'), 'cannot create output folder'),
     'image as video output': (video('clip.mp4', 'out/out.png'), "unsupported output video type 'out/out.png'"),
     'unknown model': (pair('a.png', 'b.png') + ['--model', 'l2'], "argument --model: invalid choice: 'l2'"),
     'unknown padding': (video('clip.mp4', 'out/out.mp4', '--padding', 'zero'), "invalid choice: 'zero'"),
-    'factor 3': (video('clip.mp4', 'out/out.mp4', '--factor', '3'), '--factor must be a power of two'),
+    'factor 1': (video('clip.mp4', 'out/out.mp4', '--factor', '1'), '--factor must be a whole number of at least 2, '
+                 'got 1'),
+    'factor 0': (video('clip.mp4', 'out/out.mp4', '--factor', '0'), 'at least 2, got 0'),
+    'factor -2': (video('clip.mp4', 'out/out.mp4', '--factor', '-2'), 'at least 2, got -2'),
+    'factor 1024': (video('clip.mp4', 'out/out.mp4', '--factor', '1024'),
+                    '--factor 1024 makes 10240 fps from 10 fps, outside 1 to 1000 fps'),
+    'factor 1024 slowmo': (video('clip.mp4', 'out/out.mp4', '--factor', '1024', '--slowmo'),
+                           '--factor 1024 makes 10240 fps from 10 fps, outside 1 to 1000 fps'),
+    'fps 0': (video('clip.mp4', 'out/out.mp4', '--fps', '0'), '--fps must be between 1 and 1000, got 0'),
+    'fps 1/0': (video('clip.mp4', 'out/out.mp4', '--fps', '1/0'), "argument --fps: invalid number value: '1/0'"),
+    'fps and factor': (video('clip.mp4', 'out/out.mp4', '--fps', '30', '--factor', '2'), '--fps and --factor exclude'),
+    'max time error 0': (video('clip.mp4', 'out/out.mp4', '--max-time-error', '0'),
+                         '--max-time-error must be between 1/1024 and 1/2 (of an input frame interval), got 0'),
+    'max time error 1': (video('clip.mp4', 'out/out.mp4', '--max-time-error', '1'), 'got 1'),
+    'batch size 0': (video('clip.mp4', 'out/out.mp4', '--batch-size', '0'),
+                     '--batch-size must be a whole number of at least 1, got 0'),
     'fps nan': (video('clip.mp4', 'out/out.mp4', '--fps', 'nan'), '--fps must be between 1 and 1000, got nan'),
     'fps inf': (video('clip.mp4', 'out/out.mp4', '--fps', 'inf'), '--fps must be between 1 and 1000, got inf'),
     'fps too high': (video('clip.mp4', 'out/out.mp4', '--fps', '1e9'), '--fps must be between 1 and 1000, got 1e+09'),
@@ -221,7 +317,6 @@ BAD_INPUTS = {
     'animated gif': (pair('animated.gif', 'b.png'), 'in/animated.gif is an animation, not a still image'),
     'factor not a number': (video('clip.mp4', 'out/out.mp4', '--factor', 'x'), "argument --factor: invalid int value: 'x'"),
     'no output given': (['--one', 'in/a.png', '--two', 'in/b.png'], 'the following arguments are required: --out'),
-    'fps and slowmo': (video('clip.mp4', 'out/out.mp4', '--fps', '30', '--slowmo'), 'exclude each other'),
     'video options in pair mode': (pair('a.png', 'b.png') + ['--slowmo'], 'video-mode options without --video'),
     'both modes': (video('clip.mp4') + ['--one', 'in/a.png'], 'give either --video or --one/--two'),
 }
@@ -239,6 +334,30 @@ def test_bad_input(case, bad, random_weights, capsys, monkeypatch):
     assert err.count('\n') == 1 and err.startswith('error: ') and message in err, err
     assert sorted(os.listdir(bad / 'in')) == before
     assert not (bad / 'out').exists() or os.listdir(bad / 'out') == []
+
+
+def test_a_100_megapixel_image_is_one_line_without_pillows_warning(bad, random_weights, capsys, monkeypatch):
+    if (media.available_memory(torch.device('cpu')) or 0) > media.network_memory(10000, 10000):
+        pytest.skip('this machine has the memory for a 10000x10000 frame')
+    monkeypatch.chdir(bad)
+    Image.new('1', (10000, 10000)).save(bad / 'bomb.png')  # over Pillow's warning limit, under its error limit
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            code, err = call(pair('../bomb.png', '../bomb.png') + ['--weights', random_weights], capsys)
+    finally:
+        os.remove(bad / 'bomb.png')
+    assert (code, err.count('\n')) == (2, 1) and '10000x10000 frames need about' in err  # issue 22, row 10
+    assert [warning for warning in caught if issubclass(warning.category, Image.DecompressionBombWarning)] == []
+
+
+def test_a_long_legal_output_name_works(tmp_path, random_weights, capsys):
+    inputs = save_frames(tmp_path / 'in', moving_square(2, 20, 30))
+    out = tmp_path / 'out' / ('x' * 251 + '.png')  # 255 bytes: the temporary name beside it must be shorter
+    code, err = call(['--one', f'{inputs}/f0.png', '--two', f'{inputs}/f1.png', '--out', out,
+                      '--weights', random_weights], capsys)
+    assert code == 0, err  # issue 22, row 11
+    assert os.listdir(tmp_path / 'out') == [out.name] and np.asarray(Image.open(out)).shape == (20, 30, 3)
 
 
 def test_cuda_without_cuda(bad, random_weights, capsys, monkeypatch):
@@ -266,10 +385,11 @@ def test_unwritable_output_folder(bad, random_weights, capsys, monkeypatch):
 
 def test_an_existing_empty_output_folder_is_filled(bad, random_weights, capsys, monkeypatch):
     monkeypatch.chdir(bad)
+    monkeypatch.setattr(media, 'estimate', blend)
     (bad / 'empty-out').mkdir()
     code, err = call(video('clip.mp4', 'empty-out') + ['--weights', random_weights], capsys)
     assert code == 0, err
-    assert sorted(os.listdir(bad / 'empty-out')) == [f'{index:06d}.png' for index in range(9)]
+    assert sorted(os.listdir(bad / 'empty-out')) == [f'{index:06d}.png' for index in range(10)]
 
 
 def test_output_folder_must_be_empty(bad, random_weights, capsys, monkeypatch):
@@ -353,20 +473,50 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, random_weights, ou
     assert os.listdir(tmp_path) == ['in']
 
 
-# ---------------------------------------------------------------------------------------------
-# Videos and images that are not what they seem
+BLENDED = """
+import sys, media, run
+media.estimate = lambda network, one, two, padding: (one + two) / 2
+sys.exit(run.main(sys.argv[1:]))
+"""
 
-def test_variable_frame_rate_keeps_duration_and_audio_in_sync(tmp_path, random_weights, capsys):
+
+def unwritable_stderr(kind):
+    """Popen arguments for a stderr that is closed (2>&-), a pipe nobody reads (| head -c1) or a full device."""
+    if kind == 'closed':
+        return {'preexec_fn': lambda: os.close(2)}
+    return {'stderr': subprocess.PIPE} if kind == 'broken' else {'stderr': open('/dev/full', 'w')}
+
+
+@pytest.mark.parametrize('kind', ['closed', 'broken', 'full'])
+def test_a_stderr_that_cannot_be_written_never_stops_the_job(tmp_path, random_weights, kind):
+    if kind == 'full' and not os.path.exists('/dev/full'):
+        pytest.skip('no /dev/full')
+    clip = make_clip(tmp_path / 'in.mp4', count=3)
+    out = str(tmp_path / 'out.mp4')
+    process = subprocess.Popen([sys.executable, '-c', BLENDED, '--video', clip, '--out', out, '--weights',
+                                random_weights], cwd=ROOT, stdout=subprocess.PIPE, text=True, **unwritable_stderr(kind))
+    try:
+        if process.stderr:
+            process.stderr.close()  # before the progress bar's first line
+        assert process.stdout.read() == ''  # nothing went astray onto stdout
+        assert process.wait(timeout=300) == 0
+    finally:
+        process.kill()
+    assert sorted(os.listdir(tmp_path)) == ['in.mp4', 'out.mp4']
+    assert video_facts(out)[:2] == (6, pytest.approx(0.3, abs=0.01))
+
+def test_variable_frame_rate_keeps_duration_and_audio_in_sync(tmp_path, random_weights, capsys, monkeypatch):
     clip = str(tmp_path / 'vfr.mp4')  # 25 fps with frames 5 to 39 dropped: 15 frames in 2 s, 7.5 fps on average
     subprocess.run([FFMPEG, '-v', 'error', '-f', 'lavfi', '-i', 'testsrc=size=64x48:rate=25:duration=2', '-f', 'lavfi',
                     '-i', 'sine=duration=2', '-vf', r"select='lt(n\,5)+gte(n\,40)'", '-fps_mode', 'vfr',
                     '-c:v', 'libx264', '-c:a', 'aac', '-shortest', clip], check=True)
     assert video_facts(clip)[0] == 15
+    monkeypatch.setattr(media, 'estimate', blend)
     out = str(tmp_path / 'out.mp4')
     code, err = call(['--video', clip, '--out', out, '--weights', random_weights], capsys)
     assert code == 0, err
     count, seconds, fps, audio = video_facts(out)
-    assert (count, fps, audio) == (29, 15, 'aac')
+    assert (count, fps, audio) == (30, 15, 'aac')
     assert seconds == pytest.approx(2.0, abs=0.1)
     log = subprocess.run([FFMPEG, '-i', out, '-map', '0:a', '-f', 'null', '-'], capture_output=True, text=True).stderr
     hours, minutes, audio_seconds = re.findall(r'time=(\d+):(\d+):([\d.]+)', log)[-1]
