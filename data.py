@@ -349,10 +349,10 @@ class StepBatches:
             step += 1
 
 
-def motion_table(motions):
-    """'lt1 19 % | 1to4 30 % | ...': the share of each motion bucket."""
-    shares = np.bincount(motion_bucket(motions), minlength=len(MOTION_BUCKETS)) / max(1, len(motions))
-    return ' | '.join(f'{name} {share:.0%}' for name, share in zip(MOTION_BUCKETS, shares))
+def motion_table(motions, weights=None):
+    """'lt1 19 % | 1to4 30 % | ...': the share of each motion bucket, of the patches or of their weights."""
+    counts = np.bincount(motion_bucket(motions), weights, minlength=len(MOTION_BUCKETS))
+    return ' | '.join(f'{name} {share:.0%}' for name, share in zip(MOTION_BUCKETS, counts / max(1e-12, counts.sum())))
 
 
 def load_data(args, is_main):
@@ -375,9 +375,8 @@ def load_data(args, is_main):
     val = Triplets([loaded[s][0][:256] for s in held_out], args.crop, args.seed, augment=False)
     val_motions = np.concatenate([loaded[s][1][:256] for s in held_out] or [np.zeros(0, np.float32)])
     if is_main:
-        drawn = np.bincount(motion_bucket(np.concatenate(motions)), weights,
-                            minlength=len(MOTION_BUCKETS))
-        print(f'{len(train)} training patches from {len(sources)} sources ({motion_table(np.concatenate(motions))}); '
-              f'drawn as {" | ".join(f"{n} {s:.0%}" for n, s in zip(MOTION_BUCKETS, drawn))}; '
+        cached = np.concatenate(motions)
+        print(f'{len(train)} training patches from {len(sources)} sources ({motion_table(cached)}); '
+              f'drawn as {motion_table(cached, weights)}; '
               f'{len(val)} validation patches from {len(held_out)} sources ({motion_table(val_motions)})')
     return train, val, val_motions

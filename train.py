@@ -67,7 +67,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, losses, checkpoints
+# Network initialisation, diagnostics, checkpoints
 
 HEADS = ('netVertical1', 'netHorizontal1', 'netVertical2', 'netHorizontal2')
 
