@@ -12,8 +12,9 @@ demo: $(VENV)/installed
 	$(BIN)/python run.py --one images/one.png --two images/two.png --out out.png
 	@echo "wrote out.png: the frame halfway between images/one.png and images/two.png"
 
+# Two workers, one per core of the 2-core machines this runs on (CI's, ours), each on one thread.
 test: $(VENV)/installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # The GPU round (README, "On a GPU"): `make gpu-round` on a CUDA machine writes to $OUT or to
 # ARGS=FOLDER; `make gpu-round ARGS="--dry-run FOLDER"` tries it on the CPU. It runs with the project's

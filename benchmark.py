@@ -21,7 +21,7 @@ import cli
 from cli import ArgumentParser, InputError, path_argument
 from files import check_not_an_input, check_writable, write_file, write_json
 from images import image_size, read_image
-from model import DEVICES, MODELS, PADDINGS, PRECISIONS, estimate, load_network, weights_path
+from model import DEVICES, MODELS, PADDINGS, PRECISIONS, estimate, keep_freed_memory, load_network, weights_path
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
@@ -191,4 +191,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    keep_freed_memory()  # the command owns its process: every sequence reuses the pages the last one freed
     sys.exit(main())

@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -190,17 +191,30 @@ def extract_patches(frames, args, rng):
     return np.stack(patches), np.array(motions, np.float32)
 
 
+def fingerprint(source):
+    """SHA-1 of a video's bytes, or of a frame folder's file names and sizes: the same key wherever and
+    whenever the source was copied."""
+    digest = hashlib.sha1()
+    if os.path.isdir(source):
+        for name in sorted(os.listdir(source)):
+            digest.update(f'{name}:{os.path.getsize(os.path.join(source, name))};'.encode())
+    else:
+        with open(source, 'rb') as file:
+            for block in iter(lambda: file.read(1 << 20), b''):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def cached_patches(source, args):
     """Patches and motions of one source, extracted once into args.cache, memory-mapped after that."""
-    stat = os.stat(source)
-    key = json.dumps([CACHE_VERSION, SCENE_CUT_THRESHOLD, os.path.abspath(source), stat.st_size,
-                      stat.st_mtime, args.patch, args.strides, args.motion_scale, args.static_keep, args.crops,
-                      args.max_per_video, args.seed])
+    content = fingerprint(source)
+    key = json.dumps([CACHE_VERSION, SCENE_CUT_THRESHOLD, content, args.patch, args.strides,
+                      args.motion_scale, args.static_keep, args.crops, args.max_per_video, args.seed])
     name = f'{os.path.basename(source.rstrip("/"))}-{hashlib.sha1(key.encode()).hexdigest()[:12]}'
     path, motion_path = (os.path.join(args.cache, f'{name}{suffix}.npy') for suffix in ('', '-motion'))
     if not os.path.exists(path):
         os.makedirs(args.cache, exist_ok=True)
-        rng = np.random.default_rng([args.seed, int(hashlib.sha1(source.encode()).hexdigest()[:8], 16)])
+        rng = np.random.default_rng([args.seed, int(content[:8], 16)])
         patches, motions = extract_patches(read_frames(source), args, rng)
         for target, array in ((motion_path, motions), (path, patches)):  # patches last: they mark completion
             write_file(target, lambda temporary: np.save(temporary, array))
@@ -275,6 +289,14 @@ def synthetic_triplet(textures, crop, rng, motion=layer_motion):
     return frames.reshape(3, crop, 2, crop, 2, 3).mean((2, 4)).round().astype(np.uint8)
 
 
+def middle_flows(triplet):
+    """4 x S x S float32 (y, x offsets into frame one, then into frame two) for every pixel of the middle
+    frame of an S x S RGB uint8 triplet: where its content sits in the other two (DIS optical flow)."""
+    one, middle, two = (cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY) for frame in triplet)
+    flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    return np.concatenate([flow.calc(middle, other, None)[..., ::-1].transpose(2, 0, 1) for other in (one, two)])
+
+
 class Triplets(torch.utils.data.Dataset):
     """Sample k -> (one, middle, two) crops, each 3 x S x S BGR float in [0, 1].
 
@@ -283,15 +305,16 @@ class Triplets(torch.utils.data.Dataset):
     answer is the input); otherwise a patch drawn with `weights` (uniform if None), cropped where, for a
     `shift_share` of samples, one and two are cut up to `shift` px apart in opposite directions (extra
     global motion; the middle stays exact). Then flips, rot90 and temporal order. Without
-    augmentation, sample k is patch k's centre crop. Everything follows from (seed, k): resuming is exact."""
+    augmentation, sample k is patch k's centre crop. With `flows`, a fourth tensor holds middle_flows,
+    the kernels' targets. Everything follows from (seed, k): resuming is exact."""
 
     def __init__(self, arrays, crop, seed, augment=True, weights=None, shift=0, shift_share=1.0, synthetic=0.0,
-                 synthetic_until=0, still=0.0):
+                 synthetic_until=0, still=0.0, flows=False):
         self.arrays = [a for a in arrays if len(a)]
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
         self.cumulative = None if weights is None else np.cumsum(weights) / np.sum(weights)
         self.crop, self.seed, self.augment, self.shift, self.shift_share = crop, seed, augment, shift, shift_share
-        self.synthetic, self.synthetic_until, self.still = synthetic, synthetic_until, still
+        self.synthetic, self.synthetic_until, self.still, self.flows = synthetic, synthetic_until, still, flows
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -332,6 +355,8 @@ class Triplets(torch.utils.data.Dataset):
             if rng.random() < 0.5:
                 triplet = triplet[::-1]
         frames = torch.from_numpy(np.ascontiguousarray(triplet[..., ::-1])).permute(0, 3, 1, 2).float() / 255.0
+        if self.flows:
+            return frames[0], frames[1], frames[2], torch.from_numpy(middle_flows(triplet))
         return frames[0], frames[1], frames[2]
 
 
@@ -355,8 +380,8 @@ def motion_table(motions, weights=None):
     return ' | '.join(f'{name} {share:.0%}' for name, share in zip(MOTION_BUCKETS, counts / max(1e-12, counts.sum())))
 
 
-def load_data(args, is_main):
-    """(training Triplets, validation Triplets, the validation patches' motions)."""
+def load_data(args, is_main, flows=False):
+    """(training Triplets, with middle_flows if `flows`; validation Triplets; the validation patches' motions)."""
     sources, held_out = find_sources(args.data), find_sources(args.val_data)
     if not sources:
         raise InputError('no training videos or frame folders given (--data)')
@@ -371,7 +396,7 @@ def load_data(args, is_main):
     weights = sampling_weights(motions, args)
     train = Triplets([loaded[s][0] for s in sources], args.crop, args.seed, weights=weights,
                      shift=args.shift, shift_share=args.shift_share, synthetic=args.synthetic,
-                     synthetic_until=args.synthetic_steps * args.batch, still=args.still)
+                     synthetic_until=args.synthetic_steps * args.batch, still=args.still, flows=flows)
     val = Triplets([loaded[s][0][:256] for s in held_out], args.crop, args.seed, augment=False)
     val_motions = np.concatenate([loaded[s][1][:256] for s in held_out] or [np.zeros(0, np.float32)])
     if is_main:

@@ -71,8 +71,8 @@ class Network(torch.nn.Module):
         size = (height, width), the heads then computing just what those pixels depend on (the same values)."""
         pool = lambda x: F.avg_pool2d(x, kernel_size=2, stride=2)
         both = torch.cat([one, two], 1)
-        if both.device.type == 'cpu':  # oneDNN's convolutions run fastest in channels_last on the CPU
-            both = both.contiguous(memory_format=torch.channels_last)
+        if both.device.type == 'cpu' and not torch.is_grad_enabled():  # oneDNN infers fastest in channels_last;
+            both = both.contiguous(memory_format=torch.channels_last)  # a training step, 2x slower there at 32 px
         conv1 = self.netConv1(both)
         conv2 = self.netConv2(pool(conv1))
         conv3 = self.netConv3(pool(conv2))
@@ -86,14 +86,17 @@ class Network(torch.nn.Module):
         heads = self.netVertical1, self.netHorizontal1, self.netVertical2, self.netHorizontal2
         return tuple(head(combine) if size is None else _head_top_left(head, combine, size) for head in heads)
 
-    def forward(self, one, two, size=None):
+    def forward(self, one, two, size=None, with_kernels=False):
         """Middle frame of two N x 3 x H x W BGR frames in [0, 1] (H, W multiples of 32), or only its
-        top-left size = (height, width) in less time: the same values, to the bit in whole blocks of the op."""
+        top-left size = (height, width) in less time: the same values, to the bit in whole blocks of the op.
+        with_kernels: (frame, the four kernels) (for training, where a DistributedDataParallel wrapper
+        sees only forward)."""
         height, width = size or one.shape[-2:]
         kernels = self.kernels(one, two, size)
         pad = lambda x: F.pad(x, [KERNEL_SIZE // 2] * 4, mode='replicate')[
             ..., :height + KERNEL_SIZE - 1, :width + KERNEL_SIZE - 1]
-        return sepconv_pair(pad(one), kernels[0], kernels[1], pad(two), kernels[2], kernels[3])
+        frame = sepconv_pair(pad(one), kernels[0], kernels[1], pad(two), kernels[2], kernels[3])
+        return (frame, kernels) if with_kernels else frame
 
 
 def _head_top_left(head, combine, size):

@@ -11,7 +11,7 @@ from cli import ArgumentParser, InputError
 from files import check_not_an_input
 from images import check_image_output, image_size, read_image, write_image
 from media import MAX_DEPTH, MAX_TIME_ERROR, check_memory, interpolate_video
-from model import DEVICES, MODELS, PADDINGS, interpolate, load_network, resolve_device
+from model import DEVICES, MODELS, PADDINGS, interpolate, keep_freed_memory, load_network, resolve_device
 
 VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'max_time_error', 'no_scene_detect', 'batch_size')
 
@@ -120,4 +120,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    keep_freed_memory()  # the command owns its process: reusing freed pages saves 2-3 s at 1280x720 on the CPU
     sys.exit(main())

@@ -5,7 +5,7 @@
 input is N x C x (H + K - 1) x (W + K - 1), vertical and horizontal are N x K x H x W.
 `sepconv_pair` sums the op over two frames (the network's output) in one pass.
 On CUDA tensors with CuPy installed the op runs as hand-written CUDA kernels; everywhere
-else it runs in PyTorch, the forward as batched matmuls (_block). Both paths accumulate in
+else it runs in PyTorch as batched matmuls (_operands). Both paths accumulate in
 float32 (float64 for float64 inputs) and return that dtype, so the op is safe under autocast;
 the CUDA kernels read float16 / bfloat16 tensors as they are, which gives the same result as
 upcasting them first.
@@ -19,48 +19,42 @@ try:
 except ImportError:
     cupy = None
 
-CHUNK_ELEMENTS = 1 << 20  # the backward's rows per chunk are chosen so a chunk stays cache-sized
 BAND_ROWS, BAND_COLUMNS = 64, 32  # the forward's blocks of output pixels
 
 
-def _rows_per_chunk(batch, channels, width):
-    return max(1, CHUNK_ELEMENTS // (batch * channels * width))
-
-
-def _horizontal_pass(rows, horizontal, out):
-    """out = sum_j horizontal[:, j] * rows[..., j:j + W] (rows: N x C x h x (W + K - 1))."""
-    width = out.shape[-1]
-    torch.mul(rows[..., :width], horizontal[:, 0:1], out=out)
-    for j in range(1, horizontal.shape[1]):
-        out.addcmul_(rows[..., j:j + width], horizontal[:, j:j + 1])
-    return out
+def _blocks(input, vertical):
+    """(n, rows, block, its y0 and x0) for every block of BAND_ROWS x BAND_COLUMNS output pixels of each
+    sample; rows is input[n] as (H + K - 1) x C x (W + K - 1), rows (y, c) equally spaced."""
+    batch, size, height, width = vertical.shape
+    for n in range(batch):
+        rows = input[n].transpose(0, 1).contiguous()
+        for y0 in range(0, height, BAND_ROWS):
+            for x0 in range(0, width, BAND_COLUMNS):
+                yield n, rows, (slice(y0, y0 + BAND_ROWS), slice(x0, x0 + BAND_COLUMNS)), y0, x0
 
 
 def _forward_torch(input, vertical, horizontal):
-    """The op as one batched matmul per block of BAND_ROWS x BAND_COLUMNS output pixels (see _block).
+    """The op as one batched matmul per block of BAND_ROWS x BAND_COLUMNS output pixels (see _operands).
     Reads any strides: channels_last kernels, as the network gives them on the CPU, are read in place."""
     batch, size, height, width = vertical.shape
     output = input.new_empty(batch, height, input.shape[1], width)
     bands = {}  # zeroed band matrices by block shape: every block writes the same diagonals
-    for n in range(batch):
-        rows = input[n].transpose(0, 1).contiguous()  # (H + K - 1) x C x (W + K - 1): rows (y, c) equally spaced
-        for y0 in range(0, height, BAND_ROWS):
-            for x0 in range(0, width, BAND_COLUMNS):
-                block = slice(y0, y0 + BAND_ROWS), slice(x0, x0 + BAND_COLUMNS)
-                output[n, block[0], :, block[1]] = _block(rows, y0, x0, vertical[n, :, block[0], block[1]],
-                                                          horizontal[n, :, block[0], block[1]], bands)
+    for n, rows, block, y0, x0 in _blocks(input, vertical):
+        under, band = _operands(rows, y0, x0, horizontal[n, :, block[0], block[1]], bands)
+        ver = vertical[n, :, block[0], block[1]].transpose(0, 1)
+        output[n, block[0], :, block[1]] = _horizontal_sums(under, band, ver.shape[1]).mul_(ver[:, :, None]).sum(1)
     return output.transpose(1, 2)
 
 
-def _block(rows, y0, x0, vertical, horizontal, bands):
-    """The op on the h x w output pixels from (y0, x0), whose taps `vertical` and `horizontal` are K x h x w.
+def _operands(rows, y0, x0, horizontal, bands):
+    """The two factors of the op on the h x w output pixels from (y0, x0), whose horizontal taps are K x h x w.
 
     For each output row the horizontal taps form a band matrix, band[x, x + j] = horizontal[j, y, x], of
-    w x (w + K - 1): the K x C input rows under that row times its transpose are the horizontal sums of
-    every tap row, at matmul speed, K / (w + K - 1) of the multiply-adds being useful. The vertical taps
-    then weight them.
+    w x (w + K - 1); under[y] are the K x C input rows under output row y. under[y] @ band[y]^T holds the
+    horizontal sums of every tap row, at matmul speed, K / (w + K - 1) of the multiply-adds being useful;
+    the vertical taps then weight them. The backward multiplies the same two factors with the gradient.
     """
-    size, height, width = vertical.shape
+    size, height, width = horizontal.shape
     channels, stride = rows.shape[1:]
     if (height, width) not in bands:
         bands[height, width] = rows.new_zeros(height, width, width + size - 1)
@@ -68,38 +62,42 @@ def _block(rows, y0, x0, vertical, horizontal, bands):
     band.as_strided((height, width, size), (band.stride(0), width + size, 1)).copy_(horizontal.permute(1, 2, 0))
     under = rows.as_strided((height, size * channels, width + size - 1), (channels * stride, stride, 1),
                             y0 * channels * stride + x0)
-    sums = torch.bmm(under, band.transpose(1, 2)).view(height, size, channels, width)
-    return sums.mul_(vertical.transpose(0, 1).contiguous()[:, :, None]).sum(1)
+    return under, band
+
+
+def _horizontal_sums(under, band, size):
+    """h x K x C x w: the horizontal taps applied to each of the K x C input rows under each output row."""
+    height, width = band.shape[:2]
+    return torch.bmm(under, band.transpose(1, 2)).view(height, size, -1, width)
 
 
 def _backward_torch(input, vertical, horizontal, grad, needs):
-    batch, size, height, width = vertical.shape
-    grad_input = torch.zeros_like(input) if needs[0] else None
+    """The gradients of the op (those that `needs` asks for), block by block as the forward, with the
+    same two matmul factors: the kernels' gradients from the horizontal sums and the input rows, the
+    input's from the band matrices, scattered back onto the K input rows each output row reads."""
+    size, channels = vertical.shape[1], input.shape[1]
+    grad_rows = input.new_zeros(input.transpose(1, 2).shape) if needs[0] else None  # N x rows as in _blocks
     grad_vertical = torch.empty_like(vertical) if needs[1] else None
     grad_horizontal = torch.empty_like(horizontal) if needs[2] else None
-    step = _rows_per_chunk(batch, input.shape[1], width)
-    for y0 in range(0, height, step):
-        y1 = min(height, y0 + step)
-        g, ver, hor = grad[:, :, y0:y1], vertical[:, :, y0:y1], horizontal[:, :, y0:y1]
-        partial = torch.empty_like(g)
-        for i in range(size):
-            rows = input[:, :, y0 + i:y1 + i]
-            if grad_vertical is not None:
-                _horizontal_pass(rows, hor, partial)
-                grad_vertical[:, i, y0:y1] = (partial * g).sum(1)
-            if grad_input is not None:
-                torch.mul(g, ver[:, i:i + 1], out=partial)
-                target = grad_input[:, :, y0 + i:y1 + i]
-                for j in range(size):
-                    target[..., j:j + width].addcmul_(partial, hor[:, j:j + 1])
+    bands = {}
+    for n, rows, block, y0, x0 in _blocks(input, vertical):
+        under, band = _operands(rows, y0, x0, horizontal[n, :, block[0], block[1]], bands)
+        h, w = band.shape[:2]
+        g = grad[n, :, block[0], block[1]].transpose(0, 1)  # h x C x w
+        ver = vertical[n, :, block[0], block[1]].transpose(0, 1)  # h x K x w
+        if grad_vertical is not None:
+            sums = _horizontal_sums(under, band, size)
+            grad_vertical[n, :, block[0], block[1]] = (sums * g[:, None]).sum(2).transpose(0, 1)
+        grad_sums = (ver[:, :, None] * g[:, None]).view(h, size * channels, w)
         if grad_horizontal is not None:
-            for j in range(size):
-                columns = input[:, :, y0:y1 + size - 1, j:j + width]
-                torch.mul(columns[:, :, :y1 - y0], ver[:, 0:1], out=partial)
-                for i in range(1, size):
-                    partial.addcmul_(columns[:, :, i:i + y1 - y0], ver[:, i:i + 1])
-                grad_horizontal[:, j, y0:y1] = (partial * g).sum(1)
-    return grad_input, grad_vertical, grad_horizontal
+            grad_band = torch.bmm(grad_sums.transpose(1, 2), under)  # h x w x (w + K - 1)
+            diagonals = grad_band.as_strided((h, w, size), (grad_band.stride(0), w + size, 1))
+            grad_horizontal[n, :, block[0], block[1]] = diagonals.permute(2, 0, 1)
+        if grad_rows is not None:
+            grad_under = torch.bmm(grad_sums, band).view(h * size, channels, w + size - 1)
+            targets = (torch.arange(h, device=input.device)[:, None] + torch.arange(size, device=input.device) + y0)
+            grad_rows[n, :, :, x0:x0 + w + size - 1].index_add_(0, targets.flatten(), grad_under)
+    return None if grad_rows is None else grad_rows.transpose(1, 2), grad_vertical, grad_horizontal
 
 
 # ---------------------------------------------------------------------------------------------

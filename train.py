@@ -24,13 +24,13 @@ from cli import ArgumentParser, InputError, reason
 from files import check_not_an_input, check_writable, write_file
 import data
 from data import MOTION_BUCKETS, StepBatches, load_data, motion_bucket
-from model import Network, load_network
+from model import KERNEL_SIZE, Network, keep_freed_memory, load_network
 from plot import plot_log
 from precision import CHOICES as PRECISIONS, native as native_precision, resolve as resolve_precision
 from vgg import feature_loss, load_vgg
 
 HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
-LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'alive_vertical1', 'alive_horizontal1', 'alive_vertical2',
+LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'kernel_target_loss', 'alive_vertical1', 'alive_horizontal1', 'alive_vertical2',
                'alive_horizontal2', 'kernel_spread', 'samples_per_s', 'val_psnr', 'val_blend_psnr', 'middlebury_psnr',
                'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
                f'val_{kind}psnr_{bucket}' for bucket in MOTION_BUCKETS for kind in ('', 'blend_'))
@@ -54,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument('--precision', choices=PRECISIONS, default='auto', help='autocast of the network; auto: '
                    'bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32')
     p.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='Adamax betas')
+    p.add_argument('--kernel-target', type=float, default=0.1, help='weight of the kernel-target loss (see '
+                   'kernel_target_loss) beside L1, until --kernel-until')
+    p.add_argument('--kernel-until', type=int, default=0, help='train the kernels towards optical-flow targets '
+                   'up to this step, then L1 alone (0: never)')
     p.add_argument('--middlebury', help='Middlebury folder to benchmark on at every evaluation')
     p.add_argument('--max-steps', type=int, default=100000, help='training steps in all')
     p.add_argument('--max-minutes', type=float, default=0, help='stop (and checkpoint) after this long')
@@ -203,23 +207,44 @@ def score_middlebury(network, folder, log_folder, step):
 
 # ---------------------------------------------------------------------------------------------
 
-def training_step(model, vgg, optimizer, batch, lr, precision='auto'):
-    """One optimizer step on (one, middle, two) with the network under autocast in `precision`
-    ('auto': native_precision is bf16 where it is native, ~1.5x faster than fp32 there). Returns the loss
-    and the L1 loss of the blend 0.5 * (one + two) on the same batch: their ratio is the measure of learning."""
+def kernel_target_loss(kernels, flows):
+    """How far the kernels are from sampling each frame, with half the weight, where the optical flow
+    says the middle pixel's content is (flows: N x 4 x H x W, data.middle_flows): a direct target for
+    every tap, where L1 on the frame alone teaches small and sub-pixel motion slowly. The target 2D kernel
+    0.5 * tent(fy) (x) tent(fx) (bilinear sampling) has marginals 0.5 * tent; those of v (x) h are
+    v * sum(h) and h * sum(v), whatever the split of scale between v and h. Mean L1 over marginals."""
+    taps = torch.arange(KERNEL_SIZE, device=flows.device).view(1, -1, 1, 1) - KERNEL_SIZE // 2
+    vertical1, horizontal1, vertical2, horizontal2 = (k.float() for k in kernels)
+    pairs = ((vertical1, horizontal1, flows[:, 0:1], flows[:, 1:2]), (vertical2, horizontal2, flows[:, 2:3], flows[:, 3:4]))
+    loss = 0.0
+    for vertical, horizontal, dy, dx in pairs:
+        for kernel, other, offset in ((vertical, horizontal, dy), (horizontal, vertical, dx)):
+            target = 0.5 * (1 - (taps - offset.clamp(-KERNEL_SIZE // 2, KERNEL_SIZE // 2)).abs()).clamp_min(0)
+            loss = loss + (kernel * other.sum(1, keepdim=True) - target).abs().sum(1).mean()
+    return loss / 4
+
+
+def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_target=0.0):
+    """One optimizer step on (one, middle, two[, flows]) with the network under autocast in `precision`
+    ('auto': native_precision is bf16 where it is native, ~1.5x faster than fp32 there), plus
+    kernel_target times kernel_target_loss where that is > 0. Returns the loss, the L1 loss of the blend
+    0.5 * (one + two) on the same batch (their ratio is the measure of learning) and the kernel-target
+    loss (None without)."""
     device = next(model.parameters()).device
-    one, middle, two = (t.to(device, non_blocking=True) for t in batch)
+    one, middle, two, *flows = (t.to(device, non_blocking=True) for t in batch)
     bf16 = (native_precision(device) if precision == 'auto' else precision) == 'bf16'
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        output = model(one, two).float()
+        output, kernels = model(one, two, with_kernels=True)
     # Lf alone, for fine-tuning the l1 model, as in the paper (Sec. 3.1)
+    output = output.float()
     loss = (output - middle).abs().mean() if vgg is None else feature_loss(vgg, output, middle)
+    targets = kernel_target_loss(kernels, flows[0]) if flows and kernel_target > 0 else None
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if targets is None else loss + kernel_target * targets).backward()
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     optimizer.step()
-    return loss.detach(), (0.5 * (one + two) - middle).abs().mean()
+    return loss.detach(), (0.5 * (one + two) - middle).abs().mean(), None if targets is None else targets.detach()
 
 
 def train(args, resumed=None, vgg=None):
@@ -245,7 +270,7 @@ def train(args, resumed=None, vgg=None):
         network = Network().to(device)
         init_weights(network)
     vgg = vgg.to(device) if vgg is not None else None
-    train_set, val_set, val_motions = load_data(args, is_main)
+    train_set, val_set, val_motions = load_data(args, is_main, flows=args.kernel_until > 0)
     optimizer = torch.optim.Adamax(parameter_groups(network), lr=args.lr, betas=tuple(args.betas))
     checkpoint = os.path.join(args.out, 'ckpt.pt')
     if args.resume == 'auto' and os.path.exists(checkpoint):
@@ -268,11 +293,12 @@ def train(args, resumed=None, vgg=None):
     started, tick = time.time(), time.time()
     progress = tqdm(total=args.max_steps, initial=step, desc=f'train {args.loss}', disable=not is_main)
     network.train()
-    for one, middle, two in loader:
+    for batch in loader:
         if step >= args.max_steps:
             break
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay))
-        loss, blend_loss = training_step(model, vgg, optimizer, (one, middle, two), lr, args.precision)
+        kernel_target = args.kernel_target if step < args.kernel_until else 0.0
+        loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision, kernel_target)
         step += 1
 
         stop = torch.tensor(float(step >= args.max_steps or 0 < args.max_minutes * 60 < time.time() - started))
@@ -286,6 +312,9 @@ def train(args, resumed=None, vgg=None):
         loss, blend_loss = loss.item(), blend_loss.item()
         row = {'step': step, 'loss': f'{loss:.5f}', 'blend_loss': f'{blend_loss:.5f}',
                'ratio': f'{loss / max(blend_loss, 1e-8):.4f}', 'samples_per_s': f'{throughput:.2f}'}
+        if target_loss is not None:
+            row['kernel_target_loss'] = f'{target_loss.item():.5f}'
+
         row |= {key: f'{value:.4g}' for key, value in monitor.read().items()}
         progress.update(1)
         progress.set_postfix(ratio=row['ratio'], alive=row['alive_vertical1'], samples_per_s=row['samples_per_s'])
@@ -314,9 +343,11 @@ def check_args(args):
     for name in ('batch', 'ckpt_every', 'eval_every', 'max_steps'):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ('seed', 'workers', 'warmup', 'decay'):
+    for name in ('seed', 'workers', 'warmup', 'decay', 'kernel_until'):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.kernel_target < math.inf:
+        raise InputError(f'--kernel-target must be 0 or more, got {args.kernel_target}')
     if not 0 < args.lr < math.inf:
         raise InputError(f'--lr must be a positive number, got {args.lr}')
     if not 0 <= args.max_minutes < math.inf:
@@ -374,4 +405,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    keep_freed_memory()  # the command owns its process: each step reuses the pages the last one freed
     sys.exit(main())

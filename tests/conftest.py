@@ -13,6 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), 'shared', 'data')
 
 
+def pytest_configure(config):
+    if os.environ.get('PYTEST_XDIST_WORKER'):  # `make test` runs one worker per core: one thread each
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope='session')
 def shared_data():
     if not os.path.isdir(SHARED_DATA):

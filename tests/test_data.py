@@ -122,3 +122,29 @@ def test_opposite_shift_crops_keep_the_middle_exact():
     assert len(set(shifts)) > 5 and max(max(map(abs, s)) for s in shifts) == 6
 
 
+
+
+def test_middle_flows_point_to_where_the_middle_content_is():
+    texture = np.asarray(Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+                         .resize((128, 128), Image.BICUBIC))
+    dy, dx = 2, -3
+    crop = lambda y, x: texture[16 + y:80 + y, 16 + x:80 + x]
+    flows = data.middle_flows(np.stack([crop(-dy, -dx), crop(0, 0), crop(dy, dx)]))  # middle(p) = one(p + d)
+    assert flows.shape == (4, 64, 64) and flows.dtype == np.float32
+    assert np.median(flows[:, 8:-8, 8:-8], axis=(1, 2)) == pytest.approx([dy, dx, -dy, -dx], abs=0.05)
+    still = data.Triplets([np.stack([crop(0, 0)] * 3)[None]], crop=32, seed=0, still=1.0, flows=True)
+    *frames, flows = still[0]
+    assert len(frames) == 3 and flows.shape == (4, 32, 32) and flows.abs().max() < 0.05
+    assert len(data.Triplets([np.stack([crop(0, 0)] * 3)[None]], crop=32, seed=0)[0]) == 3
+
+
+def test_cache_key_follows_the_content_not_the_path_or_time(tmp_path):
+    source = tmp_path / 'a.mp4'
+    source.write_bytes(b'video bytes')
+    key = data.fingerprint(str(source))
+    copy = tmp_path / 'elsewhere' / 'a.mp4'
+    copy.parent.mkdir()
+    copy.write_bytes(b'video bytes')
+    assert data.fingerprint(str(copy)) == key
+    copy.write_bytes(b'other bytes')
+    assert data.fingerprint(str(copy)) != key

@@ -388,14 +388,16 @@ def test_top_left_part_is_the_whole_output_cropped(random_network):
                                            atol=1e-5 * whole.abs().max().item())
 
 
-def test_the_network_computes_in_channels_last_on_the_cpu(random_network):
+def test_the_network_infers_in_channels_last_on_the_cpu_and_trains_in_nchw(random_network):
     seen = []
     hook = random_network.netConv1[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         estimate(random_network, torch.rand(1, 3, 40, 56), torch.rand(1, 3, 40, 56))
+        random_network(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))  # gradients on: a training step
     finally:
         hook.remove()
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert seen[1].is_contiguous()
 
 
 def test_unknown_precision_is_an_input_error(random_network):

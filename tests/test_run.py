@@ -432,6 +432,12 @@ def hidden(folder):
     return [name for name in os.listdir(folder) if name.startswith('.')]
 
 
+def default_signal_handlers():
+    """As in a terminal, whatever the test runner inherited (nohup ignores SIGHUP, a background shell SIGINT)."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize('output, number', [('mid.png', signal.SIGTERM), ('frames/', signal.SIGHUP),
                                             ('out.mp4', signal.SIGTERM), ('out.mp4', signal.SIGINT)])
 def test_a_signal_removes_the_partial_output(tmp_path, random_weights, output, number):
@@ -439,7 +445,7 @@ def test_a_signal_removes_the_partial_output(tmp_path, random_weights, output, n
     mode = ['--one', f'{inputs}/f0.png', '--two', f'{inputs}/f1.png'] if output.endswith('.png') else ['--video', inputs]
     process = subprocess.Popen([sys.executable, '-c', PAUSED, *mode, '--out', str(tmp_path / output),
                                 '--weights', random_weights], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               text=True, preexec_fn=default_signal_handlers)
     try:
         assert process.stdout.readline() == 'paused\n'
         assert len(hidden(tmp_path)) == 1  # the temporary output, about to be left behind

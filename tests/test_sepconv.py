@@ -112,16 +112,27 @@ def test_backward_matches_reference(dtype, tolerance):
         torch.testing.assert_close(grad.double(), expected_grad.double(), **tolerance)
 
 
-@pytest.mark.parametrize('chunk_elements', [1, 2 * 3 * 9 * 2, 2 * 3 * 9 * 4])
-def test_row_chunks_match_reference(monkeypatch, chunk_elements):
-    # batch 2 x channels 3 x width 9: chunks of 1, 2 or 4 rows over 7 output rows
-    monkeypatch.setattr(sepconv_module, 'CHUNK_ELEMENTS', chunk_elements)
-    tensors = random_inputs(batch=2, channels=3, size=5, height=7, width=9)
-    output, grads = gradients(sepconv, tensors)
-    expected, expected_grads = gradients(reference, tensors)
-    torch.testing.assert_close(output, expected, **FLOAT64_TOLERANCE)
+@pytest.mark.parametrize('rows, columns', [(2, 3), (3, 8), (7, 1)])
+def test_backward_blocks_match_reference(monkeypatch, rows, columns):
+    # 7 x 8 output pixels in blocks of rows x columns, the last ones cut short; the input's gradient
+    # gathers from the K rows each block row reads, across blocks
+    monkeypatch.setattr(sepconv_module, 'BAND_ROWS', rows)
+    monkeypatch.setattr(sepconv_module, 'BAND_COLUMNS', columns)
+    tensors = random_inputs(batch=2, channels=3, size=5, height=7, width=8)
+    _, grads = gradients(sepconv, tensors)
+    _, expected_grads = gradients(reference, tensors)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, **FLOAT64_TOLERANCE)
+
+
+def test_backward_computes_only_the_gradients_asked_for():
+    input, vertical, horizontal = random_inputs(batch=1, channels=2, size=3, height=4, width=5)
+    grad = weights_like(reference(input, vertical, horizontal))
+    full = sepconv_module._backward_torch(input, vertical, horizontal, grad, (True,) * 3)
+    for needs in ((False, True, True), (True, False, False), (False, False, True)):
+        some = sepconv_module._backward_torch(input, vertical, horizontal, grad, needs)
+        assert [g is not None for g in some] == list(needs)
+        assert all(torch.equal(g, f) for g, f, need in zip(some, full, needs) if need)
 
 
 @pytest.mark.parametrize('rows, columns', [(2, 3), (3, 8), (7, 1)])
@@ -144,18 +155,9 @@ def test_channels_last_kernels_give_the_same_result():
     assert all(torch.equal(grad, expected_grad) for grad, expected_grad in zip(grads, expected_grads))
 
 
-def test_wide_inputs_are_split_into_row_chunks_by_default():
-    # the backward alone: the forward would take 8,192 blocks of 6 x 32 pixels here
-    tensors = random_inputs(batch=1, channels=1, size=3, height=6, width=1 << 18)
-    assert sepconv_module._rows_per_chunk(1, 1, 1 << 18) == 4  # two chunks, of 4 and 2 rows
-    expected, expected_grads = gradients(reference, tensors)
-    grads = sepconv_module._backward_torch(*tensors, weights_like(expected), (True,) * 3)
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, **FLOAT64_TOLERANCE)
-
-
-def test_gradcheck_with_row_chunks(monkeypatch):
-    monkeypatch.setattr(sepconv_module, 'CHUNK_ELEMENTS', 2 * 6)
+def test_gradcheck_across_blocks(monkeypatch):
+    monkeypatch.setattr(sepconv_module, 'BAND_ROWS', 2)
+    monkeypatch.setattr(sepconv_module, 'BAND_COLUMNS', 4)
     tensors = [t.requires_grad_() for t in random_inputs(batch=1, channels=2, size=3, height=5, width=6)]
     assert torch.autograd.gradcheck(sepconv, tensors, eps=1e-6, atol=1e-8, rtol=1e-6)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import precision
+import sepconv
 import train
 from conftest import moving_pattern
 from model import Network, load_network
@@ -26,7 +27,7 @@ def test_training_starts_at_the_blend_and_reduces_the_loss():
     optimizer = torch.optim.Adamax(train.parameter_groups(network))
     steps = [train.training_step(network, None, optimizer, batch, 1e-3 * min(1, (step + 1) / 20), precision='fp32')
              for step in range(40)]
-    losses, blend = [loss.item() for loss, _ in steps], steps[0][1].item()
+    losses, blend = [loss.item() for loss, *_ in steps], steps[0][1].item()
     assert losses[0] == pytest.approx(blend, rel=1e-3)  # starts at the blend
     assert max(losses[-3:]) < 0.5 * blend
 
@@ -175,3 +176,44 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole(tmp_path,
         train.save_checkpoint(path, network, optimizer, 8, args)
     monkeypatch.undo()
     assert train.read_checkpoint(path)['step'] == 7 and os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def tent(offsets):
+    """N x 51 x H x W weights of linear interpolation at these N x 1 x H x W offsets."""
+    return (1 - (torch.arange(51).view(1, -1, 1, 1) - 25 - offsets).abs()).clamp_min(0)
+
+
+def test_kernel_targets_are_the_kernels_that_fetch_the_middle():
+    image = torch.rand(1, 3, 48, 48)
+    dy, dx = 2.0, -3.0
+    window = lambda y, x: image[..., 8 + int(y):40 + int(y), 8 + int(x):40 + int(x)]
+    one, middle, two = window(-dy, -dx), window(0, 0), window(dy, dx)  # middle(p) = one(p + d) = two(p - d)
+    flows = torch.tensor([dy, dx, -dy, -dx]).view(1, 4, 1, 1).expand(1, 4, 32, 32)
+    kernels = tent(flows[:, 0:1]), 0.5 * tent(flows[:, 1:2]), tent(flows[:, 2:3]), 0.5 * tent(flows[:, 3:4])
+    pad = lambda x: torch.nn.functional.pad(x, [25] * 4, mode='replicate')
+    fetched = sepconv.sepconv_pair(pad(one), kernels[0], kernels[1], pad(two), kernels[2], kernels[3])
+    assert torch.allclose(fetched[..., 4:-4, 4:-4], middle[..., 4:-4, 4:-4], atol=1e-6)
+    assert train.kernel_target_loss(kernels, flows).item() == pytest.approx(0, abs=1e-6)
+    rescaled = kernels[0] * 3, kernels[1] / 3, kernels[2] / 2, kernels[3] * 2  # the same 2D kernels
+    assert train.kernel_target_loss(rescaled, flows).item() == pytest.approx(0, abs=1e-6)
+    identity = [tent(torch.zeros(1, 1, 32, 32)) * 0.5 ** 0.5] * 4  # the blend: each marginal misses all its mass
+    assert train.kernel_target_loss(identity, flows).item() == pytest.approx(1.0, abs=1e-4)
+    halfway = tent(flows[:, 0:1] + 0.5), 0.5 * tent(flows[:, 1:2]), kernels[2], kernels[3]  # half a pixel off
+    assert 0 < train.kernel_target_loss(halfway, flows).item() < 0.2
+
+
+def test_training_towards_kernel_targets_moves_the_kernels():
+    torch.manual_seed(0)
+    network = load_network(weights=os.path.join(ROOT, 'weights', 'network-l1.safetensors'))
+    frames = moving_pattern(frames=3, size=32, speed=2)  # middle(x) = one(x + 2) = two(x - 2)
+    one, middle, two = (torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255 for f in frames)
+    flows = torch.tensor([0.0, 2.0, 0.0, -2.0]).view(1, 4, 1, 1).expand(1, 4, 32, 32)
+    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    batch = one, middle, two, flows
+    targets = [train.training_step(network, None, optimizer, batch, 3e-4, precision='fp32', kernel_target=1.0)[2].item()
+               for _ in range(5)]
+    assert targets[-1] < 0.6 * targets[0], targets
+    assert train.training_step(network, None, optimizer, batch, 3e-4, precision='fp32')[2] is None  # L1 alone
+    with torch.no_grad():
+        frame, kernels = network(one, two, with_kernels=True)
+        assert torch.equal(frame, network(one, two)) and len(kernels) == 4
