@@ -41,7 +41,7 @@ def _forward_torch(input, vertical, horizontal):
     bands = {}  # zeroed band matrices by block shape: every block writes the same diagonals
     for n, rows, block, y0, x0 in _blocks(input, vertical):
         under, band = _operands(rows, y0, x0, horizontal[n, :, block[0], block[1]], bands)
-        ver = vertical[n, :, block[0], block[1]].transpose(0, 1)
+        ver = vertical[n, :, block[0], block[1]].transpose(0, 1).contiguous()
         output[n, block[0], :, block[1]] = _horizontal_sums(under, band, ver.shape[1]).mul_(ver[:, :, None]).sum(1)
     return output.transpose(1, 2)
 

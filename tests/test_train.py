@@ -202,18 +202,38 @@ def test_kernel_targets_are_the_kernels_that_fetch_the_middle():
     assert 0 < train.kernel_target_loss(halfway, flows).item() < 0.2
 
 
-def test_training_towards_kernel_targets_moves_the_kernels():
-    torch.manual_seed(0)
-    network = load_network(weights=os.path.join(ROOT, 'weights', 'network-l1.safetensors'))
+def test_the_kernel_target_gradient_moves_the_taps_towards_the_flow():
+    flows = torch.tensor([0.0, 2.0, 0.0, -2.0]).view(1, 4, 1, 1).expand(1, 4, 4, 4)
+    still = tent(torch.zeros(1, 1, 4, 4))
+    kernels = [k.requires_grad_() for k in (still.clone(), 0.5 * still, still.clone(), 0.5 * still)]  # the blend
+    train.kernel_target_loss(kernels, flows).backward()
+    horizontal1, horizontal2 = kernels[1].grad[0, :, 0, 0], kernels[3].grad[0, :, 0, 0]
+    assert horizontal1[25] > 0 and horizontal1[27] < 0 and horizontal2[25] > 0 and horizontal2[23] < 0  # 25 down
+    assert horizontal1[[24, 26, 28]].abs().max() == 0  # right already
+    vertical1 = kernels[0].grad[0, :, 0, 0]
+    assert torch.all(vertical1 == vertical1[0]) and vertical1[0] > 0  # only its sum, which scales h's marginal
+
+
+def test_a_training_step_adds_the_kernel_target_loss():
     frames = moving_pattern(frames=3, size=32, speed=2)  # middle(x) = one(x + 2) = two(x - 2)
     one, middle, two = (torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255 for f in frames)
     flows = torch.tensor([0.0, 2.0, 0.0, -2.0]).view(1, 4, 1, 1).expand(1, 4, 32, 32)
-    optimizer = torch.optim.Adamax(train.parameter_groups(network))
-    batch = one, middle, two, flows
-    targets = [train.training_step(network, None, optimizer, batch, 3e-4, precision='fp32', kernel_target=1.0)[2].item()
-               for _ in range(5)]
-    assert targets[-1] < 0.6 * targets[0], targets
-    assert train.training_step(network, None, optimizer, batch, 3e-4, precision='fp32')[2] is None  # L1 alone
-    with torch.no_grad():
-        frame, kernels = network(one, two, with_kernels=True)
-        assert torch.equal(frame, network(one, two)) and len(kernels) == 4
+    networks = []
+    for kernel_target in (0.0, 1.0):
+        torch.manual_seed(0)
+        network = Network()
+        train.init_weights(network)
+        with torch.no_grad():
+            frame, kernels = network(one, two, with_kernels=True)
+            assert torch.equal(frame, network(one, two)) and len(kernels) == 4
+        optimizer = torch.optim.Adamax(train.parameter_groups(network))
+        loss, _, target = train.training_step(network, None, optimizer, (one, middle, two, flows), 1e-4,
+                                              precision='fp32', kernel_target=kernel_target)
+        assert loss.item() == pytest.approx((frame - middle).abs().mean().item(), rel=1e-5)
+        if kernel_target:
+            assert target.item() == pytest.approx(train.kernel_target_loss(kernels, flows).item(), rel=1e-5)
+        else:
+            assert target is None  # L1 alone
+        networks.append(network)
+    heads = [n.netHorizontal1[-1].bias for n in networks]
+    assert not torch.equal(heads[0], heads[1])  # the kernel targets changed the step
