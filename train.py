@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='Adamax betas')
     p.add_argument('--kernel-target', type=float, default=0.1, help='weight of the kernel-target loss (see '
                    'kernel_target_loss) beside L1, until --kernel-until')
+    p.add_argument('--kernel-loss', choices=('l1', 'l2'), default='l1', help='distance of the kernel targets')
     p.add_argument('--kernel-until', type=int, default=0, help='train the kernels towards optical-flow targets '
                    'up to this step, then L1 alone (0: never)')
     p.add_argument('--middlebury', help='Middlebury folder to benchmark on at every evaluation')
@@ -207,7 +208,7 @@ def score_middlebury(network, folder, log_folder, step):
 
 # ---------------------------------------------------------------------------------------------
 
-def kernel_target_loss(kernels, flows):
+def kernel_target_loss(kernels, flows, distance='l1'):
     """How far the kernels are from sampling each frame, with half the weight, where the optical flow
     says the middle pixel's content is (flows: N x 4 x H x W, data.middle_flows): a direct target for
     every tap, where L1 on the frame alone teaches small and sub-pixel motion slowly. The target 2D kernel
@@ -220,11 +221,12 @@ def kernel_target_loss(kernels, flows):
     for vertical, horizontal, dy, dx in pairs:
         for kernel, other, offset in ((vertical, horizontal, dy), (horizontal, vertical, dx)):
             target = 0.5 * (1 - (taps - offset.clamp(-KERNEL_SIZE // 2, KERNEL_SIZE // 2)).abs()).clamp_min(0)
-            loss = loss + (kernel * other.sum(1, keepdim=True) - target).abs().sum(1).mean()
+            residual = kernel * other.sum(1, keepdim=True) - target
+            loss = loss + (residual.abs() if distance == 'l1' else residual.square()).sum(1).mean()
     return loss / 4
 
 
-def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_target=0.0):
+def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_target=0.0, kernel_loss='l1'):
     """One optimizer step on (one, middle, two[, flows]) with the network under autocast in `precision`
     ('auto': native_precision is bf16 where it is native, ~1.5x faster than fp32 there), plus
     kernel_target times kernel_target_loss where that is > 0. Returns the loss, the L1 loss of the blend
@@ -238,7 +240,7 @@ def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_tar
     # Lf alone, for fine-tuning the l1 model, as in the paper (Sec. 3.1)
     output = output.float()
     loss = (output - middle).abs().mean() if vgg is None else feature_loss(vgg, output, middle)
-    targets = kernel_target_loss(kernels, flows[0]) if flows and kernel_target > 0 else None
+    targets = kernel_target_loss(kernels, flows[0], kernel_loss) if flows and kernel_target > 0 else None
     optimizer.zero_grad(set_to_none=True)
     (loss if targets is None else loss + kernel_target * targets).backward()
     for group in optimizer.param_groups:
@@ -298,7 +300,8 @@ def train(args, resumed=None, vgg=None):
             break
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay))
         kernel_target = args.kernel_target if step < args.kernel_until else 0.0
-        loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision, kernel_target)
+        loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision, kernel_target,
+                                                      args.kernel_loss)
         step += 1
 
         stop = torch.tensor(float(step >= args.max_steps or 0 < args.max_minutes * 60 < time.time() - started))

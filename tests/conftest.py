@@ -18,6 +18,12 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked slow(seconds) first, slowest first: parallel workers then finish together."""
+    seconds = lambda item: item.get_closest_marker('slow').args[0] if item.get_closest_marker('slow') else 0
+    items.sort(key=lambda item: -seconds(item))
+
+
 @pytest.fixture(scope='session')
 def shared_data():
     if not os.path.isdir(SHARED_DATA):

@@ -20,6 +20,7 @@ from model import Network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow(43)
 def test_dry_run_runs_every_step_at_toy_sizes(tmp_path):
     out = tmp_path / 'out'
     done = subprocess.run([sys.executable, 'gpu_round.py', '--dry-run', '--work', str(tmp_path / 'work'), str(out)],

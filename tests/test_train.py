@@ -18,6 +18,7 @@ from model import Network, load_network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow(17)
 def test_training_starts_at_the_blend_and_reduces_the_loss():
     torch.manual_seed(0)
     network = Network()
@@ -41,6 +42,7 @@ def layered_batch(textures, count, seed, crop=32):
             for i in range(3)]
 
 
+@pytest.mark.slow(66)
 def test_training_on_layered_motion_learns_input_dependent_kernels():
     """Two or more layers moving differently: only kernels that vary across pixels beat the blend."""
     torch.manual_seed(0)
@@ -70,6 +72,7 @@ def run_args(frames_dir, tmp_path, out, steps, *extra):
             '--ckpt-every', '2', '--eval-every', '100', *extra]
 
 
+@pytest.mark.slow(12)
 def test_resume_matches_an_uninterrupted_run(frames_dir, tmp_path):
     assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'straight', 4)) == 0
     assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'split', 2)) == 0
@@ -147,6 +150,7 @@ def test_bad_arguments_are_one_line_errors(case, frames_dir, tmp_path, capsys, m
     assert sorted(os.listdir(tmp_path)) == before and (tmp_path / 'ckpt.pt').stat().st_size == 44  # nothing written
 
 
+@pytest.mark.slow(16)
 def test_two_process_gloo_training(frames_dir, tmp_path):
     with socket.socket() as probe:
         probe.bind(('127.0.0.1', 0))
@@ -196,8 +200,10 @@ def test_kernel_targets_are_the_kernels_that_fetch_the_middle():
     assert train.kernel_target_loss(kernels, flows).item() == pytest.approx(0, abs=1e-6)
     rescaled = kernels[0] * 3, kernels[1] / 3, kernels[2] / 2, kernels[3] * 2  # the same 2D kernels
     assert train.kernel_target_loss(rescaled, flows).item() == pytest.approx(0, abs=1e-6)
+    assert train.kernel_target_loss(kernels, flows, 'l2').item() == pytest.approx(0, abs=1e-6)
     identity = [tent(torch.zeros(1, 1, 32, 32)) * 0.5 ** 0.5] * 4  # the blend: each marginal misses all its mass
     assert train.kernel_target_loss(identity, flows).item() == pytest.approx(1.0, abs=1e-4)
+    assert train.kernel_target_loss(identity, flows, 'l2').item() == pytest.approx(0.5, abs=1e-4)  # 2 x 0.5^2
     halfway = tent(flows[:, 0:1] + 0.5), 0.5 * tent(flows[:, 1:2]), kernels[2], kernels[3]  # half a pixel off
     assert 0 < train.kernel_target_loss(halfway, flows).item() < 0.2
 

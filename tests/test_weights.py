@@ -40,6 +40,7 @@ def test_cli_on_a_middlebury_pair(middlebury, tmp_path, capsys):
     assert psnr(read(out)) > psnr(blend) + 1.5  # 26.96 against 24.71 dB when shipped
 
 
+@pytest.mark.slow(13)
 def test_bundled_weights_beat_the_blend_with_live_heads(middlebury, tmp_path):
     for name in MOVING:
         os.symlink(os.path.join(middlebury, name), tmp_path / name)
