@@ -111,7 +111,6 @@ def read_frames(source):
     if os.path.isdir(source) or video.imageio_ffmpeg is not None:
         yield from video.FrameSource(source)
         return
-    import cv2
     capture = cv2.VideoCapture(source)
     while (frame := capture.read()[1]) is not None:
         yield np.ascontiguousarray(frame[:, :, ::-1])

@@ -84,10 +84,12 @@ def _backward_torch(input, vertical, horizontal, grad, needs):
         under, band = _operands(rows, y0, x0, horizontal[n, :, block[0], block[1]], bands)
         h, w = band.shape[:2]
         g = grad[n, :, block[0], block[1]].transpose(0, 1)  # h x C x w
-        ver = vertical[n, :, block[0], block[1]].transpose(0, 1)  # h x K x w
         if grad_vertical is not None:
             sums = _horizontal_sums(under, band, size)
             grad_vertical[n, :, block[0], block[1]] = (sums * g[:, None]).sum(2).transpose(0, 1)
+        if grad_horizontal is None and grad_rows is None:
+            continue
+        ver = vertical[n, :, block[0], block[1]].transpose(0, 1)  # h x K x w
         grad_sums = (ver[:, :, None] * g[:, None]).view(h, size * channels, w)
         if grad_horizontal is not None:
             grad_band = torch.bmm(grad_sums.transpose(1, 2), under)  # h x w x (w + K - 1)

@@ -30,9 +30,9 @@ from precision import CHOICES as PRECISIONS, native as native_precision, resolve
 from vgg import feature_loss, load_vgg
 
 HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
-LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'kernel_target_loss', 'alive_vertical1', 'alive_horizontal1', 'alive_vertical2',
-               'alive_horizontal2', 'kernel_spread', 'samples_per_s', 'val_psnr', 'val_blend_psnr', 'middlebury_psnr',
-               'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
+LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'kernel_target_loss', 'alive_vertical1', 'alive_horizontal1',
+               'alive_vertical2', 'alive_horizontal2', 'kernel_spread', 'samples_per_s', 'val_psnr', 'val_blend_psnr',
+               'middlebury_psnr', 'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
                f'val_{kind}psnr_{bucket}' for bucket in MOTION_BUCKETS for kind in ('', 'blend_'))
 
 
@@ -216,7 +216,8 @@ def kernel_target_loss(kernels, flows, distance='l1'):
     v * sum(h) and h * sum(v), whatever the split of scale between v and h. Mean L1 over marginals."""
     taps = torch.arange(KERNEL_SIZE, device=flows.device).view(1, -1, 1, 1) - KERNEL_SIZE // 2
     vertical1, horizontal1, vertical2, horizontal2 = (k.float() for k in kernels)
-    pairs = ((vertical1, horizontal1, flows[:, 0:1], flows[:, 1:2]), (vertical2, horizontal2, flows[:, 2:3], flows[:, 3:4]))
+    pairs = ((vertical1, horizontal1, flows[:, 0:1], flows[:, 1:2]),
+             (vertical2, horizontal2, flows[:, 2:3], flows[:, 3:4]))
     loss = 0.0
     for vertical, horizontal, dy, dx in pairs:
         for kernel, other, offset in ((vertical, horizontal, dy), (horizontal, vertical, dx)):
@@ -237,8 +238,8 @@ def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_tar
     bf16 = (native_precision(device) if precision == 'auto' else precision) == 'bf16'
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         output, kernels = model(one, two, with_kernels=True)
-    # Lf alone, for fine-tuning the l1 model, as in the paper (Sec. 3.1)
     output = output.float()
+    # Lf alone, for fine-tuning the l1 model, as in the paper (Sec. 3.1)
     loss = (output - middle).abs().mean() if vgg is None else feature_loss(vgg, output, middle)
     targets = kernel_target_loss(kernels, flows[0], kernel_loss) if flows and kernel_target > 0 else None
     optimizer.zero_grad(set_to_none=True)
@@ -317,7 +318,6 @@ def train(args, resumed=None, vgg=None):
                'ratio': f'{loss / max(blend_loss, 1e-8):.4f}', 'samples_per_s': f'{throughput:.2f}'}
         if target_loss is not None:
             row['kernel_target_loss'] = f'{target_loss.item():.5f}'
-
         row |= {key: f'{value:.4g}' for key, value in monitor.read().items()}
         progress.update(1)
         progress.set_postfix(ratio=row['ratio'], alive=row['alive_vertical1'], samples_per_s=row['samples_per_s'])
