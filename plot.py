@@ -34,6 +34,7 @@ def plot_log(log_path, png_path):
     losses.legend(loc='upper left')
     for key in (key for key in rows[0] if key.startswith('alive_')) if rows else ():
         heads.plot(*curve(key), lw=1, label=key.replace('_', ' '))
+    heads.plot(*curve('constant_pixels'), 'k--', lw=1, label='pixels with every unit off')
     spread = heads.twinx()
     spread.plot(*curve('kernel_spread'), 'k', lw=1)
     spread.set(ylabel='kernel std across pixels', yscale='log')

@@ -31,8 +31,8 @@ from vgg import feature_loss, load_vgg
 
 HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
 LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'kernel_target_loss', 'alive_vertical1', 'alive_horizontal1',
-               'alive_vertical2', 'alive_horizontal2', 'kernel_spread', 'samples_per_s', 'val_psnr', 'val_blend_psnr',
-               'middlebury_psnr', 'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
+               'alive_vertical2', 'alive_horizontal2', 'constant_pixels', 'kernel_spread', 'samples_per_s', 'val_psnr',
+               'val_blend_psnr', 'middlebury_psnr', 'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
                f'val_{kind}psnr_{bucket}' for bucket in MOTION_BUCKETS for kind in ('', 'blend_'))
 
 
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument('--kernel-loss', choices=('l1', 'l2'), default='l1', help='distance of the kernel targets')
     p.add_argument('--kernel-until', type=int, default=0, help='train the kernels towards optical-flow targets '
                    'up to this step, then L1 alone (0: never)')
+    p.add_argument('--constant-leak', type=float, default=0.0, help="gradient slope of the kernel heads' last "
+                   'ReLU where all its units are off (see KernelUnitReLU; 0: a plain ReLU)')
     p.add_argument('--middlebury', help='Middlebury folder to benchmark on at every evaluation')
     p.add_argument('--max-steps', type=int, default=100000, help='training steps in all')
     p.add_argument('--max-minutes', type=float, default=0, help='stop (and checkpoint) after this long')
@@ -106,16 +108,56 @@ def parameter_groups(network):
             {'params': [p for p in network.parameters() if id(p) in fine], 'lr_scale': HEAD_LR_SCALE}]
 
 
+class _KernelUnitReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, slope):
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        constant = (x <= 0).all(1, keepdim=True)  # every unit off: the pixel's kernel is the head's bias
+        return torch.where(x > 0, grad, grad.clamp(max=0) * constant * ctx.slope), None
+
+
+class KernelUnitReLU(torch.nn.Module):
+    """The kernel heads' last ReLU, with a gradient where it has none. Those 51 units per head are what makes
+    a pixel's kernels depend on the input, and L1 training leaves them all negative where little moves: in
+    the weights of campaign session 2, on every pixel of Middlebury's RubberWhale, so every pixel got the
+    heads' biases as kernels (the blend) and nothing could learn there, neither the frame's loss nor the
+    kernel targets. Where every unit of a head is off, this passes each unit slope times the part of its
+    gradient that says "turn on"; elsewhere it is a ReLU. The forward pass is a ReLU: the network computes
+    the same function and its state dict is the same."""
+
+    def __init__(self, slope):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x):
+        return _KernelUnitReLU.apply(x, self.slope)
+
+
+def leak_where_kernels_are_constant(network, slope):
+    if slope > 0:
+        for name in HEADS:
+            getattr(network, name)[5] = KernelUnitReLU(slope)
+
+
 class HeadMonitor:
     """Forward hooks that record, per kernel head, the share of its last ReLU's outputs that are alive
-    (> 0) and the kernels' standard deviation across pixels: a head that stops adapting to the input
-    shows as alive -> 0 or spread -> 0 long before the loss says anything."""
+    (> 0), the share of pixels where they are all off (the kernels there are the head's bias, whatever the
+    input), and the kernels' standard deviation across pixels: a head that stops adapting to the input
+    shows as alive -> 0, constant pixels -> 1 or spread -> 0 long before the loss says anything."""
 
     def __init__(self, network):
-        self.alive, self.spread = {}, {}
+        self.alive, self.constant, self.spread = {}, {}, {}
         for name in HEADS:
             head = getattr(network, name)
             head[5].register_forward_hook(self.recorder(self.alive, name, lambda out: (out > 0).float().mean()))
+            head[5].register_forward_hook(self.recorder(self.constant, name,
+                                                        lambda out: (out <= 0).all(1).float().mean()))
             head[-1].register_forward_hook(self.recorder(self.spread, name, lambda out: out.float().std((2, 3)).mean()))
 
     @staticmethod
@@ -126,6 +168,7 @@ class HeadMonitor:
 
     def read(self):
         return {f'alive_{name[3:].lower()}': float(self.alive[name]) for name in HEADS} | {
+                'constant_pixels': sum(float(self.constant[name]) for name in HEADS) / len(HEADS),
                 'kernel_spread': sum(float(self.spread[name]) for name in HEADS) / len(HEADS)}
 
 
@@ -272,6 +315,7 @@ def train(args, resumed=None, vgg=None):
     else:
         network = Network().to(device)
         init_weights(network)
+    leak_where_kernels_are_constant(network, args.constant_leak)
     vgg = vgg.to(device) if vgg is not None else None
     train_set, val_set, val_motions = load_data(args, is_main, flows=args.kernel_until > 0)
     optimizer = torch.optim.Adamax(parameter_groups(network), lr=args.lr, betas=tuple(args.betas))
@@ -349,6 +393,8 @@ def check_args(args):
     for name in ('seed', 'workers', 'warmup', 'decay', 'kernel_until'):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.constant_leak <= 1:
+        raise InputError(f'--constant-leak must be in [0, 1], got {args.constant_leak}')
     if not 0 <= args.kernel_target < math.inf:
         raise InputError(f'--kernel-target must be 0 or more, got {args.kernel_target}')
     if not 0 < args.lr < math.inf:

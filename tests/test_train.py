@@ -62,6 +62,7 @@ def test_training_on_layered_motion_learns_input_dependent_kernels():
     diagnostics = monitor.read()
     assert min(value for key, value in diagnostics.items() if key.startswith('alive')) > 0.2, diagnostics
     assert diagnostics['kernel_spread'] > 1e-3, diagnostics
+    assert diagnostics['constant_pixels'] < 0.05, diagnostics
     assert error < 0.9 * blend, (error, blend)
 
 
@@ -119,6 +120,7 @@ BAD_ARGUMENTS = {
     'vgg weights of a non-state-dict': (['--loss', 'lf', '--vgg-weights', 'text.pt'], 'text.pt does not hold torchvision VGG-19'),
     'init with the wrong shapes': (['--init', 'small.safetensors'], 'small.safetensors does not hold SepConv weights'),
     'negative seed': (['--seed', '-1'], '--seed must be 0 or more, got -1'),
+    'leak above 1': (['--constant-leak', '2'], '--constant-leak must be in [0, 1], got 2.0'),
     'negative stride': (['--strides', '1', '-1'], '--strides must be at least 1, got -1'),
     'zero motion scale': (['--motion-scale', '0'], '--motion-scale must be a positive number, got 0.0'),
     'cache that is a file': (['--cache', 'text.pt'], '--cache text.pt is not a folder'),
@@ -243,3 +245,39 @@ def test_a_training_step_adds_the_kernel_target_loss():
         networks.append(network)
     heads = [n.netHorizontal1[-1].bias for n in networks]
     assert not torch.equal(heads[0], heads[1])  # the kernel targets changed the step
+
+
+def test_the_kernel_unit_relu_leaks_only_where_every_unit_is_off_and_only_upwards():
+    x = torch.tensor([[-1.0, 2.0], [-1.0, -3.0], [-0.5, -2.0]]).view(1, 3, 2, 1).requires_grad_()  # 3 units, 2 pixels
+    y = train.KernelUnitReLU(0.01)(x)
+    assert torch.equal(y, torch.relu(x.detach()))
+    y.backward(torch.tensor([[-1.0, -1.0], [1.0, -2.0], [-4.0, 3.0]]).view(1, 3, 2, 1))
+    # pixel 0, all off: the 'turn on' part of each gradient, scaled; pixel 1: unit 0 is on, a plain ReLU
+    assert torch.allclose(x.grad.view(3, 2), torch.tensor([[-0.01, -1.0], [0.0, 0.0], [-0.04, 0.0]]), rtol=0, atol=1e-9)
+
+
+def test_kernel_units_off_everywhere_learn_to_turn_on():
+    """Every unit of the heads' last ReLU negative everywhere: a plain ReLU passes them no gradient, the
+    kernel-unit ReLU passes the part that turns them on; the frame and the state dict are the same."""
+    frames = moving_pattern(frames=3, size=32, speed=2)
+    one, middle, two = (torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)[None].float() / 255 for f in frames)
+    gradients, outputs = [], []
+    for slope in (0.0, 0.01):
+        torch.manual_seed(0)
+        network = Network()
+        train.init_weights(network)
+        for name in train.HEADS:
+            torch.nn.init.constant_(getattr(network, name)[4].bias, -100.0)
+            torch.nn.init.normal_(getattr(network, name)[-1].weight, std=1e-3)  # trained: not zero
+        train.leak_where_kernels_are_constant(network, slope)
+        monitor = train.HeadMonitor(network)
+        output = network(one, two)
+        (output - middle).abs().mean().backward()
+        assert monitor.read()['constant_pixels'] == 1
+        outputs.append(output.detach())
+        gradients.append(torch.stack([getattr(network, name)[4].bias.grad for name in train.HEADS]))
+    assert torch.equal(outputs[0], outputs[1])
+    assert gradients[0].abs().max() == 0
+    assert gradients[1].max() <= 0 and gradients[1].min() < 0  # descent raises them: on, never further off
+    assert isinstance(network.netVertical1[5], train.KernelUnitReLU)
+    assert set(network.state_dict()) == set(Network().state_dict())
