@@ -61,6 +61,8 @@ def parse_args(argv=None):
                    'up to this step, then L1 alone (0: never)')
     p.add_argument('--constant-leak', type=float, default=0.0, help="gradient slope of the kernel heads' last "
                    'ReLU where all its units are off (see KernelUnitReLU; 0: a plain ReLU)')
+    p.add_argument('--leak-min-motion', type=float, default=0.0, help='--constant-leak only where the optical '
+                   'flow moves more than this many pixels towards either frame (needs --kernel-until; 0: everywhere)')
     p.add_argument('--middlebury', help='Middlebury folder to benchmark on at every evaluation')
     p.add_argument('--max-steps', type=int, default=100000, help='training steps in all')
     p.add_argument('--max-minutes', type=float, default=0, help='stop (and checkpoint) after this long')
@@ -110,16 +112,16 @@ def parameter_groups(network):
 
 class _KernelUnitReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, slope):
-        ctx.save_for_backward(x)
+    def forward(ctx, x, slope, where):
+        ctx.save_for_backward(x, where)
         ctx.slope = slope
         return x.clamp_min(0)
 
     @staticmethod
     def backward(ctx, grad):
-        x, = ctx.saved_tensors
-        constant = (x <= 0).all(1, keepdim=True)  # every unit off: the pixel's kernel is the head's bias
-        return torch.where(x > 0, grad, grad.clamp(max=0) * constant * ctx.slope), None
+        x, where = ctx.saved_tensors
+        constant = (x <= 0).all(1, keepdim=True) & where  # every unit off: the pixel's kernel is the head's bias
+        return torch.where(x > 0, grad, grad.clamp(max=0) * constant * ctx.slope), None, None
 
 
 class KernelUnitReLU(torch.nn.Module):
@@ -128,21 +130,27 @@ class KernelUnitReLU(torch.nn.Module):
     the campaign's step-1000 weights, on 98.8 % of Middlebury's RubberWhale, where every pixel got the
     heads' biases as kernels (the blend) and nothing could learn, neither the frame's loss nor the
     kernel targets. Where every unit of a head is off, this passes each unit slope times the part of its
-    gradient that says "turn on"; elsewhere it is a ReLU. The forward pass is a ReLU: the network computes
+    gradient that says "turn on"; elsewhere it is a ReLU. With min_motion > 0, only where the batch's
+    optical flow (self.flows, set by training_step) moves more than min_motion px towards either frame:
+    where nothing moves the bias is the right kernel. The forward pass is a ReLU: the network computes
     the same function and its state dict is the same."""
 
-    def __init__(self, slope):
+    def __init__(self, slope, min_motion=0.0):
         super().__init__()
-        self.slope = slope
+        self.slope, self.min_motion, self.flows = slope, min_motion, None
 
     def forward(self, x):
-        return _KernelUnitReLU.apply(x, self.slope)
+        where = torch.ones_like(x[:, :1], dtype=torch.bool)
+        if self.training and self.min_motion > 0 and self.flows is not None:  # gated by the pixels it covers
+            moving = (self.flows.abs().amax(1, keepdim=True) > self.min_motion).float()
+            where = torch.nn.functional.adaptive_max_pool2d(moving, x.shape[-2:]) > 0
+        return _KernelUnitReLU.apply(x, self.slope, where)
 
 
-def leak_where_kernels_are_constant(network, slope):
+def leak_where_kernels_are_constant(network, slope, min_motion=0.0):
     if slope > 0:
         for name in HEADS:
-            getattr(network, name)[5] = KernelUnitReLU(slope)
+            getattr(network, name)[5] = KernelUnitReLU(slope, min_motion)
 
 
 class HeadMonitor:
@@ -279,6 +287,9 @@ def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_tar
     device = next(model.parameters()).device
     one, middle, two, *flows = (t.to(device, non_blocking=True) for t in batch)
     bf16 = (native_precision(device) if precision == 'auto' else precision) == 'bf16'
+    for module in model.modules():
+        if isinstance(module, KernelUnitReLU):
+            module.flows = flows[0] if flows else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         output, kernels = model(one, two, with_kernels=True)
     output = output.float()
@@ -315,7 +326,7 @@ def train(args, resumed=None, vgg=None):
     else:
         network = Network().to(device)
         init_weights(network)
-    leak_where_kernels_are_constant(network, args.constant_leak)
+    leak_where_kernels_are_constant(network, args.constant_leak, args.leak_min_motion)
     vgg = vgg.to(device) if vgg is not None else None
     train_set, val_set, val_motions = load_data(args, is_main, flows=args.kernel_until > 0)
     optimizer = torch.optim.Adamax(parameter_groups(network), lr=args.lr, betas=tuple(args.betas))
@@ -395,6 +406,10 @@ def check_args(args):
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.constant_leak <= 1:
         raise InputError(f'--constant-leak must be in [0, 1], got {args.constant_leak}')
+    if not 0 <= args.leak_min_motion < math.inf:
+        raise InputError(f'--leak-min-motion must be 0 or more, got {args.leak_min_motion}')
+    if args.leak_min_motion > 0 and not args.kernel_until:
+        raise InputError('--leak-min-motion needs the optical flow of --kernel-until')
     if not 0 <= args.kernel_target < math.inf:
         raise InputError(f'--kernel-target must be 0 or more, got {args.kernel_target}')
     if not 0 < args.lr < math.inf:

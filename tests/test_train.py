@@ -121,6 +121,8 @@ BAD_ARGUMENTS = {
     'init with the wrong shapes': (['--init', 'small.safetensors'], 'small.safetensors does not hold SepConv weights'),
     'negative seed': (['--seed', '-1'], '--seed must be 0 or more, got -1'),
     'leak above 1': (['--constant-leak', '2'], '--constant-leak must be in [0, 1], got 2.0'),
+    'negative leak motion': (['--leak-min-motion', '-1'], '--leak-min-motion must be 0 or more, got -1.0'),
+    'leak motion, no flow': (['--leak-min-motion', '0.5'], '--leak-min-motion needs the optical flow of --kernel-until'),
     'negative stride': (['--strides', '1', '-1'], '--strides must be at least 1, got -1'),
     'zero motion scale': (['--motion-scale', '0'], '--motion-scale must be a positive number, got 0.0'),
     'cache that is a file': (['--cache', 'text.pt'], '--cache text.pt is not a folder'),
@@ -254,6 +256,21 @@ def test_the_kernel_unit_relu_leaks_only_where_every_unit_is_off_and_only_upward
     y.backward(torch.tensor([[-1.0, -1.0], [1.0, -2.0], [-4.0, 3.0]]).view(1, 3, 2, 1))
     # pixel 0, all off: the 'turn on' part of each gradient, scaled; pixel 1: unit 0 is on, a plain ReLU
     assert torch.allclose(x.grad.view(3, 2), torch.tensor([[-0.01, -1.0], [0.0, 0.0], [-0.04, 0.0]]), rtol=0, atol=1e-9)
+
+
+def test_the_kernel_unit_relu_leaks_only_where_the_flow_moves_given_min_motion():
+    x = torch.full((1, 3, 2, 2), -1.0, requires_grad=True)  # 3 units, 2 x 2 pixels, all off
+    relu = train.KernelUnitReLU(0.5, min_motion=0.3)
+    flows = torch.zeros(1, 4, 4, 4)  # full resolution, twice the units'
+    flows[0, 3, 0, 1] = 0.4  # one pixel of the top-left unit moves 0.4 px towards frame two
+    flows[0, 0, 3, 3] = -0.2  # under min_motion: the bottom-right unit stays still
+    relu.flows = flows
+    relu(x).backward(torch.full_like(x, -1.0))
+    assert torch.equal(x.grad[0, 0], torch.tensor([[-0.5, 0.0], [0.0, 0.0]]))
+    relu.min_motion = 0.0  # everywhere
+    x.grad = None
+    relu(x).backward(torch.full_like(x, -1.0))
+    assert torch.equal(x.grad, torch.full_like(x, -0.5))
 
 
 def test_kernel_units_off_everywhere_learn_to_turn_on():
