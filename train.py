@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument('--kernel-target', type=float, default=0.1, help='weight of the kernel-target loss (see '
                    'kernel_target_loss) beside L1, until --kernel-until')
     p.add_argument('--kernel-loss', choices=('l1', 'l2'), default='l1', help='distance of the kernel targets')
+    p.add_argument('--kernel-moment', type=float, default=0.0, help="weight, within the kernel-target loss, of "
+                   "the distance of the kernels' first moments from the flow's (see kernel_target_loss)")
     p.add_argument('--kernel-until', type=int, default=0, help='train the kernels towards optical-flow targets '
                    'up to this step, then L1 alone (0: never)')
     p.add_argument('--constant-leak', type=float, default=0.0, help="gradient slope of the kernel heads' last "
@@ -259,12 +261,15 @@ def score_middlebury(network, folder, log_folder, step):
 
 # ---------------------------------------------------------------------------------------------
 
-def kernel_target_loss(kernels, flows, distance='l1'):
+def kernel_target_loss(kernels, flows, distance='l1', moment=0.0):
     """How far the kernels are from sampling each frame, with half the weight, where the optical flow
     says the middle pixel's content is (flows: N x 4 x H x W, data.middle_flows): a direct target for
     every tap, where L1 on the frame alone teaches small and sub-pixel motion slowly. The target 2D kernel
     0.5 * tent(fy) (x) tent(fx) (bilinear sampling) has marginals 0.5 * tent; those of v (x) h are
-    v * sum(h) and h * sum(v), whatever the split of scale between v and h. Mean L1 over marginals."""
+    v * sum(h) and h * sum(v), whatever the split of scale between v and h. Mean L1 over marginals, plus
+    `moment` times the distance of each marginal's first moment from the target's (0.5 * offset): near
+    the blend, the taps' L1 pulls as hard against moving a kernel's mass as towards it; the moment says
+    which way it goes."""
     taps = torch.arange(KERNEL_SIZE, device=flows.device).view(1, -1, 1, 1) - KERNEL_SIZE // 2
     vertical1, horizontal1, vertical2, horizontal2 = (k.float() for k in kernels)
     pairs = ((vertical1, horizontal1, flows[:, 0:1], flows[:, 1:2]),
@@ -275,10 +280,13 @@ def kernel_target_loss(kernels, flows, distance='l1'):
             target = 0.5 * (1 - (taps - offset.clamp(-KERNEL_SIZE // 2, KERNEL_SIZE // 2)).abs()).clamp_min(0)
             residual = kernel * other.sum(1, keepdim=True) - target
             loss = loss + (residual.abs() if distance == 'l1' else residual.square()).sum(1).mean()
+            if moment:
+                loss = loss + moment * (residual * taps).sum(1).abs().mean()
     return loss / 4
 
 
-def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_target=0.0, kernel_loss='l1'):
+def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_target=0.0, kernel_loss='l1',
+                  kernel_moment=0.0):
     """One optimizer step on (one, middle, two[, flows]) with the network under autocast in `precision`
     ('auto': native_precision is bf16 where it is native, ~1.5x faster than fp32 there), plus
     kernel_target times kernel_target_loss where that is > 0. Returns the loss, the L1 loss of the blend
@@ -295,7 +303,7 @@ def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_tar
     output = output.float()
     # Lf alone, for fine-tuning the l1 model, as in the paper (Sec. 3.1)
     loss = (output - middle).abs().mean() if vgg is None else feature_loss(vgg, output, middle)
-    targets = kernel_target_loss(kernels, flows[0], kernel_loss) if flows and kernel_target > 0 else None
+    targets = kernel_target_loss(kernels, flows[0], kernel_loss, kernel_moment) if flows and kernel_target > 0 else None
     optimizer.zero_grad(set_to_none=True)
     (loss if targets is None else loss + kernel_target * targets).backward()
     for group in optimizer.param_groups:
@@ -357,7 +365,7 @@ def train(args, resumed=None, vgg=None):
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay))
         kernel_target = args.kernel_target if step < args.kernel_until else 0.0
         loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision, kernel_target,
-                                                      args.kernel_loss)
+                                                      args.kernel_loss, args.kernel_moment)
         step += 1
 
         stop = torch.tensor(float(step >= args.max_steps or 0 < args.max_minutes * 60 < time.time() - started))
@@ -410,8 +418,9 @@ def check_args(args):
         raise InputError(f'--leak-min-motion must be 0 or more, got {args.leak_min_motion}')
     if args.leak_min_motion > 0 and not args.kernel_until:
         raise InputError('--leak-min-motion needs the optical flow of --kernel-until')
-    if not 0 <= args.kernel_target < math.inf:
-        raise InputError(f'--kernel-target must be 0 or more, got {args.kernel_target}')
+    for name in ('kernel_target', 'kernel_moment'):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 < args.lr < math.inf:
         raise InputError(f'--lr must be a positive number, got {args.lr}')
     if not 0 <= args.max_minutes < math.inf:

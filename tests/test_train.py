@@ -120,6 +120,7 @@ BAD_ARGUMENTS = {
     'vgg weights of a non-state-dict': (['--loss', 'lf', '--vgg-weights', 'text.pt'], 'text.pt does not hold torchvision VGG-19'),
     'init with the wrong shapes': (['--init', 'small.safetensors'], 'small.safetensors does not hold SepConv weights'),
     'negative seed': (['--seed', '-1'], '--seed must be 0 or more, got -1'),
+    'negative kernel moment': (['--kernel-moment', '-1'], '--kernel-moment must be 0 or more, got -1.0'),
     'leak above 1': (['--constant-leak', '2'], '--constant-leak must be in [0, 1], got 2.0'),
     'negative leak motion': (['--leak-min-motion', '-1'], '--leak-min-motion must be 0 or more, got -1.0'),
     'leak motion, no flow': (['--leak-min-motion', '0.5'], '--leak-min-motion needs the optical flow of --kernel-until'),
@@ -210,6 +211,9 @@ def test_kernel_targets_are_the_kernels_that_fetch_the_middle():
     assert train.kernel_target_loss(identity, flows, 'l2').item() == pytest.approx(0.5, abs=1e-4)  # 2 x 0.5^2
     halfway = tent(flows[:, 0:1] + 0.5), 0.5 * tent(flows[:, 1:2]), kernels[2], kernels[3]  # half a pixel off
     assert 0 < train.kernel_target_loss(halfway, flows).item() < 0.2
+    assert train.kernel_target_loss(kernels, flows, moment=1.0).item() == pytest.approx(0, abs=1e-6)
+    moment = train.kernel_target_loss(halfway, flows, moment=1.0) - train.kernel_target_loss(halfway, flows)
+    assert moment.item() == pytest.approx(0.25 / 4, abs=1e-5)  # one marginal of four, 0.5 px off at mass 0.5
 
 
 def test_the_kernel_target_gradient_moves_the_taps_towards_the_flow():
@@ -222,6 +226,11 @@ def test_the_kernel_target_gradient_moves_the_taps_towards_the_flow():
     assert horizontal1[[24, 26, 28]].abs().max() == 0  # right already
     vertical1 = kernels[0].grad[0, :, 0, 0]
     assert torch.all(vertical1 == vertical1[0]) and vertical1[0] > 0  # only its sum, which scales h's marginal
+    for kernel in kernels:
+        kernel.grad = None
+    train.kernel_target_loss(kernels, flows, moment=1.0).backward()
+    horizontal1 = kernels[1].grad[0, :, 0, 0]
+    assert horizontal1[26] < 0 < horizontal1[24] and horizontal1[28] < horizontal1[26]  # the mass goes right
 
 
 def test_a_training_step_adds_the_kernel_target_loss():
