@@ -414,13 +414,11 @@ def check_args(args):
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.constant_leak <= 1:
         raise InputError(f'--constant-leak must be in [0, 1], got {args.constant_leak}')
-    if not 0 <= args.leak_min_motion < math.inf:
-        raise InputError(f'--leak-min-motion must be 0 or more, got {args.leak_min_motion}')
-    if args.leak_min_motion > 0 and not args.kernel_until:
-        raise InputError('--leak-min-motion needs the optical flow of --kernel-until')
-    for name in ('kernel_target', 'kernel_moment'):
+    for name in ('kernel_target', 'kernel_moment', 'leak_min_motion'):
         if not 0 <= getattr(args, name) < math.inf:
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.leak_min_motion > 0 and not args.kernel_until:
+        raise InputError('--leak-min-motion needs the optical flow of --kernel-until')
     if not 0 < args.lr < math.inf:
         raise InputError(f'--lr must be a positive number, got {args.lr}')
     if not 0 <= args.max_minutes < math.inf:
