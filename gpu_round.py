@@ -7,7 +7,9 @@
 
 Every step runs even when an earlier one failed; each step's result goes into OUT/summary.json as soon
 as it is known. OUT receives at most 8 files: summary.json, round.log, speed.json, log.csv, loss.png and
-the trained fp16 weights in parts of at most 15 MiB (put back together with --join).
+the trained fp16 weights in parts of at most 15 MiB (put back together with --join). With several --arm,
+the arms train side by side on the one GPU from the same batches; each is diagnosed (diagnose.py) on
+Middlebury, their logs come back in arms.tar.gz, and the weights are those of the best arm.
 """
 import argparse
 import csv
@@ -21,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -34,14 +37,17 @@ BUNDLED = os.path.join(ROOT, 'weights', 'network-l1.safetensors')
 PART_BYTES = 15 * 2 ** 20
 TRAVEL_LIMIT = 64 * 2 ** 20
 TRAVEL_MARGIN = 3 * 2 ** 20 // 2  # room for files others add to the working tree before the call
-# What to carry (paths in ../shared/data, and in gpu-carry/), most useful first: one Middlebury sequence
-# (ground truth for the CUDA-vs-CPU check), the clips with most motion, then the rest.
-CARRY_ORDER = ['middlebury/MiniCooper'] + [f'train-videos/{name}.mp4' for name in (
-    'sam2-bedroom', 'sam2-cups', 'bikes', 'sam2-blocks', 'sam2-coffee', 'sam2-default_juggle', 'bigbuckbunny',
-    'sam2-dog', 'bottle-detection', 'car-detection', 'one-by-one-person-detection')]
+# What to carry (paths in ../shared/data, and in gpu-carry/), most useful first: Middlebury (as lossless WebP,
+# a quarter smaller than its PNGs; the round decodes it), the validation clip, then the training clips.
+CARRY_ORDER = ['middlebury', 'train-videos/sam2-dog.mp4'] + [f'train-videos/{name}.mp4' for name in (
+    'bikes', 'bottle-detection', 'bigbuckbunny', 'sam2-coffee', 'sam2-blocks', 'sam2-default_juggle', 'sam2-bedroom',
+    'sam2-cups', 'car-detection', 'one-by-one-person-detection')]
+VALIDATION = 'sam2-dog.mp4'
+COMPRESSED = 'middlebury-webp'  # gpu-carry/'s Middlebury
 SPEED_SIZES = ['640x480', '1280x720', '1920x1080', '3840x2160']
 # Seconds for the CUDA tests, the speed runs, the export after training and train.py's start-up; dry run second.
-LIMITS = {False: dict(tests=90, speed=90, export=40, startup=25), True: dict(tests=120, speed=60, export=10, startup=5)}
+LIMITS = {False: dict(tests=80, speed=75, export=40, startup=25, report=60),
+          True: dict(tests=120, speed=60, export=10, startup=5, report=60)}
 TESTS = ['tests/test_sepconv_cuda.py', 'tests/test_gpu_round.py::test_read_frames_falls_back_to_opencv',
          '-k', 'not nvcc and not emulat']  # the compile and emulator tests run in CI already
 
@@ -103,31 +109,52 @@ def travelling_bytes():
 
 def prepare_carry(source):
     """Copy what fits of CARRY_ORDER from `source` into gpu-carry/ and print the device tool's arguments."""
+    from PIL import Image
     room = TRAVEL_LIMIT - TRAVEL_MARGIN - travelling_bytes()
     shutil.rmtree(CARRY, ignore_errors=True)
     carried, left = [], []
     for item in CARRY_ORDER:
         path = os.path.join(source, item)
-        files = sorted(glob.glob(os.path.join(path, '*.png'))) if os.path.isdir(path) else [path]
+        files = sorted(glob.glob(os.path.join(path, '*', '*.png'))) if os.path.isdir(path) else [path]
         if not files or not all(map(os.path.isfile, files)):
             raise StepError(f'missing: {path}')
-        size = sum(map(os.path.getsize, files))
+        staged = os.path.join(CARRY, 'staging')
+        copies = []
+        for file in files:
+            if os.path.isdir(path):  # <Seq>/<name>.png -> middlebury-webp/<Seq>/<name>.webp
+                name = os.path.splitext(os.path.relpath(file, path))[0] + '.webp'
+                copies.append((os.path.join(staged, name), os.path.join(CARRY, COMPRESSED, name)))
+                os.makedirs(os.path.dirname(copies[-1][0]), exist_ok=True)
+                Image.open(file).save(copies[-1][0], 'WEBP', lossless=True, quality=100, method=4)
+            else:
+                copies.append((file, os.path.join(CARRY, item)))
+        size = sum(os.path.getsize(copy) for copy, _ in copies)
         if size > room:
             left.append(item)
-            continue
-        target = os.path.join(CARRY, item)
-        for file in files:
-            copy = os.path.join(target, os.path.basename(file)) if os.path.isdir(path) else target
-            os.makedirs(os.path.dirname(copy), exist_ok=True)
-            shutil.copyfile(file, copy)
-        room -= size
-        carried.append(item)
+        else:
+            for copy, target in copies:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(copy, target)
+            room -= size
+            carried.append(item)
+        shutil.rmtree(staged, ignore_errors=True)
     print(f"gpu-carry/: {', '.join(carried)}")
     if left:
         print(f"left out, over the 64 MiB the device tool sends: {', '.join(left)}")
     print(f'{room / 2 ** 20:.1f} MiB to spare (after a {TRAVEL_MARGIN / 2 ** 20:.1f} MiB margin; prepare again if the '
           'working tree grew). Device tool call (run):')
     print(json.dumps({'command': 'python3 gpu_round.py', 'carry': ['gpu-carry'], 'timeout_s': 600}))
+
+
+def unpack_middlebury(work):
+    """gpu-carry/'s WebP Middlebury as the PNG folder the benchmark reads (lossless: the same pixels)."""
+    from PIL import Image
+    target = os.path.join(work, 'middlebury')
+    for file in sorted(glob.glob(os.path.join(CARRY, COMPRESSED, '*', '*.webp'))):
+        png = os.path.join(target, os.path.splitext(os.path.relpath(file, os.path.join(CARRY, COMPRESSED)))[0] + '.png')
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+        Image.open(file).save(png)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +166,7 @@ class Round:
     def __init__(self, args):
         self.args, self.out, self.work, self.started = args, args.out, args.work, time.time()
         self.deadline, self.ends = self.started + args.minutes * 60, None
-        self.device, self.limits, self.train_argv = 'cpu' if args.dry_run else 'cuda', LIMITS[args.dry_run], None
+        self.device, self.limits, self.best = 'cpu' if args.dry_run else 'cuda', LIMITS[args.dry_run], None
         self.summary = {'dry_run': args.dry_run, 'started': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                         'minutes': args.minutes, 'steps': {}}
         self.log = open(os.path.join(self.out, 'round.log'), 'w')
@@ -157,7 +184,9 @@ class Round:
         self.step(network, 120)
         self.step(speed, limits['speed'])
         self.step(patches, left(60))  # extraction and one step, so that the training's time is all training
-        self.step(training, left(limits['export']))
+        self.step(training, left(limits['export'] + (limits['report'] if len(self.args.arm) > 1 else 0)))
+        if len(self.args.arm) > 1:
+            self.step(report, left(limits['export']))
         self.step(export, 120)
         self.summary['seconds'] = round(time.time() - self.started, 1)
         self.save()
@@ -187,6 +216,26 @@ class Round:
         self.save()
         print(f"{name:<12} {'ok' if result['ok'] else 'FAILED':<6} {result['seconds']:>6.1f} s  "
               f"{result.get('error') or result.get('note', '')}", flush=True)
+
+    def parallel(self, argvs, logs):
+        """Run python argv for each argv at once, each writing to its log, until the step's limit; returns the
+        exit codes (None: stopped at the limit)."""
+        env = dict(os.environ, PYTHONUNBUFFERED='1', TQDM_MININTERVAL='30', **self.threads)
+        processes = []
+        for argv, log in zip(argvs, logs):
+            self.log.write('$ ' + ' '.join([sys.executable, *argv]) + f' > {log}\n')
+            processes.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=open(log, 'w'),
+                                              stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        self.log.flush()
+        codes = []
+        for process in processes:
+            try:
+                codes.append(process.wait(timeout=max(1, self.ends - time.time())))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                codes.append(None)
+        return codes
 
     def python(self, *argv, timeout=None):
         """Run python argv in the repository, output to round.log, within `timeout` (default: until the
@@ -301,45 +350,95 @@ def speed(job, result):
         raise StepError('failed: ' + '; '.join(failed))
 
 
-def train_argv(job):
+def train_argv(job, arm, flags=()):
     dry = job.args.dry_run
-    argv = ['train.py', '--data', job.args.data, '--out', os.path.join(job.work, 'train'),
+    videos = sorted(glob.glob(os.path.join(job.args.data, '*')))
+    held_out = [v for v in videos if os.path.basename(v) == VALIDATION and len(videos) > 1]
+    argv = ['train.py', '--data', *[v for v in videos if v not in held_out], *(['--val-data', *held_out] if held_out else []),
+            '--out', os.path.join(job.work, arm),
             '--cache', os.path.join(job.work, 'cache'), '--crop', '32' if dry else '128',
-            '--batch', str(job.args.batch), '--workers', '0' if dry else '8',
-            '--ckpt-every', '500', '--eval-every', '1000', '--resume', 'auto']
+            '--batch', str(job.args.batch), '--workers', '0' if dry else str(max(2, 10 // len(job.args.arm))),
+            '--ckpt-every', '250', '--eval-every', '250', '--resume', 'auto', *job.args.train_args.split(), *flags]
     if job.args.init != 'none':
         argv += ['--init', job.args.init, '--synthetic-steps', '0']  # the heads are trained already
     if not dry:
         argv += ['--extract-workers', str(os.cpu_count())]
-        if middlebury_sequences(job.args.middlebury):
-            argv += ['--middlebury', job.args.middlebury]
+    if middlebury_sequences(job.args.middlebury):
+        argv += ['--middlebury', job.args.middlebury]
     return argv
 
 
 def patches(job, result):
     """Patch extraction (and one training step)."""
-    shutil.rmtree(os.path.join(job.work, 'train'), ignore_errors=True)
-    job.train_argv = train_argv(job)
-    output = job.python(*job.train_argv, '--max-steps', '1')
+    for arm, _ in job.args.arm:
+        shutil.rmtree(os.path.join(job.work, arm), ignore_errors=True)
+    output = job.python(*train_argv(job, 'patches', job.args.arm[0][1]), '--max-steps', '1')
+    shutil.rmtree(os.path.join(job.work, 'patches'), ignore_errors=True)
     found = re.search(r'(\d+) training patches from (\d+) sources', output)
     if found:
         result.update(training_patches=int(found[1]), sources=int(found[2]), note=found[0])
 
 
 def training(job, result):
+    """Every arm at once, until the step's limit less the start-up."""
     minutes = max(0.1, (job.ends - time.time() - job.limits['startup']) / 60)
+    steps = '3' if job.args.dry_run else '10000000'
+    argvs = [[*train_argv(job, arm, flags), '--max-steps', steps, '--max-minutes', f'{minutes:.2f}',
+              *(['--decay-minutes', f'{minutes * job.args.decay_share:.2f}'] if job.args.decay_share else [])]
+             for arm, flags in job.args.arm]
+    codes = [None] * len(argvs)
     try:
-        job.python(*(job.train_argv or train_argv(job)), '--max-steps', '3' if job.args.dry_run else '10000000',
-                     '--max-minutes', f'{minutes:.2f}')
+        codes = job.parallel(argvs, [os.path.join(job.work, f'{arm}.log') for arm, _ in job.args.arm])
     finally:
-        read_training_log(job, result)
+        for arm, _ in job.args.arm:
+            result[arm] = {}
+            read_training_log(job, result[arm], arm)
+        if len(job.args.arm) == 1:
+            arm = job.args.arm[0][0]
+            result.update(result.pop(arm))
+            for name in ('log.csv', 'loss.png'):
+                if os.path.exists(os.path.join(job.work, arm, name)):
+                    shutil.copyfile(os.path.join(job.work, arm, name), os.path.join(job.out, name))
+        else:
+            pack_arms(job)
+    failed = [f'{arm}: exit {code}' for (arm, _), code in zip(job.args.arm, codes) if code]
+    if failed:
+        raise StepError('; '.join(failed))
 
 
-def read_training_log(job, result):
-    folder = os.path.join(job.work, 'train')
-    for name in ('log.csv', 'loss.png'):
-        if os.path.exists(os.path.join(folder, name)):
-            shutil.copyfile(os.path.join(folder, name), os.path.join(job.out, name))
+def pack_arms(job):
+    """Each arm's log, Middlebury scores, curve, report and output in OUT/arms.tar.gz."""
+    with tarfile.open(os.path.join(job.out, 'arms.tar.gz'), 'w:gz') as archive:
+        for arm, _ in job.args.arm:
+            for name in ('log.csv', 'middlebury.jsonl', 'loss.png', 'report.json'):
+                if os.path.exists(os.path.join(job.work, arm, name)):
+                    archive.add(os.path.join(job.work, arm, name), f'{arm}/{name}')
+            if os.path.exists(os.path.join(job.work, f'{arm}.log')):
+                archive.add(os.path.join(job.work, f'{arm}.log'), f'{arm}/train.log')
+
+
+def report(job, result):
+    """Each arm's last checkpoint diagnosed on Middlebury (diagnose.py) on the device; the best arm is the one
+    with the highest mean among those with no sequence more than 0.1 dB under its blend, else the highest mean."""
+    for arm, _ in job.args.arm:
+        checkpoint = os.path.join(job.work, arm, 'ckpt.pt')
+        if not os.path.exists(checkpoint):
+            continue
+        weights = os.path.join(job.work, arm, 'weights.safetensors')
+        job.python('train.py', '--export', checkpoint, weights, timeout=60)
+        output = job.python('diagnose.py', '--weights', weights, '--data', job.args.middlebury, '--device', job.device,
+                            '--json')
+        figures = json.loads(output[output.index('{'):output.rindex('}') + 1])
+        write_json(os.path.join(job.work, arm, 'report.json'), figures)
+        result[arm] = {key: value for key, value in figures.items() if not isinstance(value, dict)}
+    pack_arms(job)
+    ranked = sorted(result, key=lambda arm: (result[arm]['worst_gain'] >= -0.1, result[arm]['middlebury_psnr']))
+    job.best = ranked[-1] if ranked else None
+    result['note'] = f'best: {job.best}' if job.best else 'no arm finished'
+
+
+def read_training_log(job, result, arm):
+    folder = os.path.join(job.work, arm)
     log = os.path.join(folder, 'log.csv')
     rows = list(csv.DictReader(open(log))) if os.path.exists(log) else []
     if not rows:
@@ -364,7 +463,8 @@ def export(job, result):
     target = os.path.join(job.work, 'weights-fp16.safetensors')
     if os.path.exists(target):
         os.remove(target)
-    job.python('train.py', '--export', os.path.join(job.work, 'train', 'ckpt.pt'), target)
+    result['arm'] = job.best or job.args.arm[0][0]
+    job.python('train.py', '--export', os.path.join(job.work, result['arm'], 'ckpt.pt'), target)
     for old in glob.glob(os.path.join(job.out, 'weights-fp16.safetensors.*of*')):
         os.remove(old)
     result['parts'] = split(target, job.out)
@@ -384,6 +484,13 @@ def middlebury_sequences(folder):
     return [f for f in folders if all(os.path.isfile(os.path.join(f, n)) for n in ('frame10.png', 'frame11.png'))]
 
 
+def arm_argument(text):
+    name, _, flags = text.partition('=')
+    if not re.fullmatch(r'[A-Za-z0-9_-]+', name) or name in ('patches', 'cache', 'middlebury'):
+        raise argparse.ArgumentTypeError(f"an arm's name is letters, digits, '-' and '_', not {name!r}")
+    return name, tuple(flags.split())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('out', nargs='?', default=os.environ.get('OUT'), help='output folder (default: $OUT)')
@@ -393,6 +500,12 @@ def main(argv=None):
     parser.add_argument('--middlebury', default=os.path.join(CARRY, 'middlebury'), help='Middlebury sequences')
     parser.add_argument('--init', default=BUNDLED, help="weights to start training from, or 'none' (from scratch)")
     parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--arm', action='append', type=arm_argument, metavar='NAME[=FLAGS]',
+                        help="a training run with these train.py flags (e.g. 'kn=--kernel-normalization'); several "
+                             'train side by side (default: one, named train)')
+    parser.add_argument('--train-args', default='', help='train.py arguments for every arm')
+    parser.add_argument('--decay-share', type=float, default=0.0, help="share of the training's minutes over "
+                        'which the learning rate falls to 0 at the end')
     parser.add_argument('--work', help='scratch folder (default runs/gpu-round, or runs/gpu-round-dry)')
     parser.add_argument('--carry', nargs='?', const=os.path.join(os.path.dirname(ROOT), 'shared', 'data'),
                         metavar='DATA', help='fill gpu-carry/ from DATA (default ../shared/data) and print the call')
@@ -413,6 +526,11 @@ def main(argv=None):
             raise StepError('no output folder: pass one or set OUT')
         if args.minutes <= 0 or args.batch < 1:
             raise StepError('--minutes and --batch must be positive')
+        if not 0 <= args.decay_share < 1:
+            raise StepError('--decay-share must be in [0, 1)')
+        args.arm = args.arm or [('train', ())]
+        if len({name for name, _ in args.arm}) < len(args.arm):
+            raise StepError('two arms have one name')
         if not args.dry_run:
             import torch
             if not torch.cuda.is_available():
@@ -426,6 +544,8 @@ def main(argv=None):
             args.batch = 2
         os.makedirs(args.out, exist_ok=True)
         os.makedirs(args.work, exist_ok=True)
+        if os.path.isdir(os.path.join(CARRY, COMPRESSED)) and not middlebury_sequences(args.middlebury):
+            args.middlebury = unpack_middlebury(args.work)
     except (StepError, InputError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -19,6 +19,8 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights'
 MODELS = ('l1', 'lf')
 PADDINGS = ('paper', 'improved')
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+# The options of the revisited network (Niklaus et al. 2021) ours can take, all off by default: off is the original.
+OPTIONS = ('kernel_normalization', 'input_normalization', 'head_prelu')
 
 
 def _basic(channels_in, channels_out):
@@ -34,20 +36,28 @@ def _upsample(channels):
         torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(inplace=True))
 
 
-def _subnet():
+def _subnet(prelu=False):
+    """A kernel head; with prelu its last activation before the upsampling is a PReLU (a slope per channel,
+    starting at 0: the ReLU), whose weights the original's state dicts don't have."""
     return torch.nn.Sequential(
         torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(inplace=True),
         torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(inplace=True),
-        torch.nn.Conv2d(64, KERNEL_SIZE, 3, padding=1), torch.nn.ReLU(inplace=True),
+        torch.nn.Conv2d(64, KERNEL_SIZE, 3, padding=1),
+        torch.nn.PReLU(KERNEL_SIZE, init=0.0) if prelu else torch.nn.ReLU(inplace=True),
         torch.nn.Upsample(scale_factor=2, mode='bilinear', align_corners=True),
         torch.nn.Conv2d(KERNEL_SIZE, KERNEL_SIZE, 3, padding=1))
 
 
 class Network(torch.nn.Module):
-    """Encoder-decoder predicting four 51-tap kernels per pixel; layer names match the original."""
+    """Encoder-decoder predicting four 51-tap kernels per pixel; layer names match the original.
+    Options (OPTIONS), each off by default: kernel_normalization divides the frame by the kernels' mass
+    (sepconv_pair's normalize); input_normalization shows the network the frames less their joint mean,
+    over their joint standard deviation (the kernels still filter the frames themselves); head_prelu
+    (see _subnet)."""
 
-    def __init__(self):
+    def __init__(self, kernel_normalization=False, input_normalization=False, head_prelu=False):
         super().__init__()
+        self.kernel_normalization, self.input_normalization = kernel_normalization, input_normalization
         self.netConv1 = _basic(6, 32)
         self.netConv2 = _basic(32, 64)
         self.netConv3 = _basic(64, 128)
@@ -61,16 +71,23 @@ class Network(torch.nn.Module):
         self.netUpsample4 = _upsample(256)
         self.netUpsample3 = _upsample(128)
         self.netUpsample2 = _upsample(64)
-        self.netVertical1 = _subnet()
-        self.netVertical2 = _subnet()
-        self.netHorizontal1 = _subnet()
-        self.netHorizontal2 = _subnet()
+        self.netVertical1 = _subnet(head_prelu)
+        self.netVertical2 = _subnet(head_prelu)
+        self.netHorizontal1 = _subnet(head_prelu)
+        self.netHorizontal2 = _subnet(head_prelu)
+
+    @property
+    def options(self):
+        """The names of the options that are on, in OPTIONS' order."""
+        on = {'kernel_normalization': self.kernel_normalization, 'input_normalization': self.input_normalization,
+              'head_prelu': isinstance(self.netVertical1[5], torch.nn.PReLU)}
+        return tuple(name for name in OPTIONS if on[name])
 
     def kernels(self, one, two, size=None):
         """Vertical1, horizontal1, vertical2, horizontal2 kernels, each N x 51 x H x W, or only their top-left
         size = (height, width), the heads then computing just what those pixels depend on (the same values)."""
         pool = lambda x: F.avg_pool2d(x, kernel_size=2, stride=2)
-        both = torch.cat([one, two], 1)
+        both = torch.cat(normalized_inputs(one, two) if self.input_normalization else [one, two], 1)
         if both.device.type == 'cpu' and not torch.is_grad_enabled():  # oneDNN infers fastest in channels_last;
             both = both.contiguous(memory_format=torch.channels_last)  # a training step, 2x slower there at 32 px
         conv1 = self.netConv1(both)
@@ -95,8 +112,21 @@ class Network(torch.nn.Module):
         kernels = self.kernels(one, two, size)
         pad = lambda x: F.pad(x, [KERNEL_SIZE // 2] * 4, mode='replicate')[
             ..., :height + KERNEL_SIZE - 1, :width + KERNEL_SIZE - 1]
-        frame = sepconv_pair(pad(one), kernels[0], kernels[1], pad(two), kernels[2], kernels[3])
+        frame = sepconv_pair(pad(one), kernels[0], kernels[1], pad(two), kernels[2], kernels[3],
+                             normalize=self.kernel_normalization)
         return (frame, kernels) if with_kernels else frame
+
+
+def normalized_inputs(one, two):
+    """Both frames less their joint mean (per sample, over both frames and all channels), over their joint
+    standard deviation: the mean over the frames of (the frame's variance + its mean's distance from the
+    joint mean, squared)."""
+    means = [x.mean((1, 2, 3), keepdim=True) for x in (one, two)]
+    mean = (means[0] + means[1]) / 2
+    variance = sum(x.var((1, 2, 3), unbiased=False, keepdim=True) + (mean - m).square()
+                   for x, m in zip((one, two), means)) / 2
+    deviation = variance.sqrt() + 1e-7
+    return (one - mean) / deviation, (two - mean) / deviation
 
 
 def _head_top_left(head, combine, size):
@@ -123,7 +153,8 @@ def weights_path(model):
 
 
 def load_state_dict(path):
-    """Our fp16 safetensors, or an original sepconv-slomo `.pytorch` state dict (keys 'moduleX')."""
+    """(state dict, options) of our fp16 safetensors (options from their metadata), or of an original
+    sepconv-slomo `.pytorch` state dict (keys 'moduleX'; no options)."""
     if os.path.isdir(path):
         raise InputError(f'weights {path} is a folder, not a weights file')
     if not os.path.isfile(path):
@@ -132,8 +163,10 @@ def load_state_dict(path):
     try:
         if path.endswith('.safetensors'):
             state = safetensors.torch.load_file(path)
+            with safetensors.safe_open(path, 'pt') as file:
+                metadata = file.metadata() or {}
         else:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state, metadata = torch.load(path, map_location='cpu', weights_only=True), {}
     except pickle.UnpicklingError:  # torch's own text is a page long, with terminal escapes
         raise InputError(f'cannot read weights {path}: not a state dict of tensors (a damaged file, or '
                          'pickled objects that are not loaded for safety)') from None
@@ -141,7 +174,22 @@ def load_state_dict(path):
         raise InputError(f'cannot read weights {path}: {reason(error)}') from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise InputError(f'{path} does not hold SepConv weights: expected a state dict of tensors')
-    return {key.replace('module', 'net'): value.float() for key, value in state.items()}
+    return {key.replace('module', 'net'): value.float() for key, value in state.items()}, read_options(metadata, path)
+
+
+def options_metadata(options):
+    """Safetensors metadata naming the network options the weights were trained with."""
+    return {'options': ','.join(options)}
+
+
+def read_options(metadata, path):
+    """The options named in a weights file's metadata; an option this version does not know is refused."""
+    options = tuple(name for name in metadata.get('options', '').split(',') if name)
+    unknown = [name for name in options if name not in OPTIONS]
+    if unknown:
+        raise InputError(f"{path} needs network option '{unknown[0]}', which this version of sepconv does not "
+                         f"know ({', '.join(OPTIONS)})")
+    return options
 
 
 def load_network(model='l1', weights=None, device='cpu'):
@@ -150,8 +198,8 @@ def load_network(model='l1', weights=None, device='cpu'):
     check_choice('model', model, MODELS)
     device = resolve_device(device)
     path = weights_path(model) if weights is None else path_argument('weights', weights)
-    state = load_state_dict(path)
-    network = Network()
+    state, options = load_state_dict(path)
+    network = Network(**dict.fromkeys(options, True))
     expected = network.state_dict()
     wrong = sorted(expected.keys() ^ state.keys()) + [key for key in expected.keys() & state.keys()
                                                        if state[key].shape != expected[key].shape]

@@ -695,10 +695,18 @@ def sepconv(input, vertical, horizontal):
     return _apply(input, vertical, horizontal)
 
 
-def sepconv_pair(one, vertical1, horizontal1, two, vertical2, horizontal2):
-    """sepconv(one, vertical1, horizontal1) + sepconv(two, vertical2, horizontal2); one CUDA launch for both."""
+def sepconv_pair(one, vertical1, horizontal1, two, vertical2, horizontal2, normalize=False):
+    """sepconv(one, vertical1, horizontal1) + sepconv(two, vertical2, horizontal2); one CUDA launch for both.
+    normalize: divided by the same sum for an image of ones, sum(vertical) * sum(horizontal) per frame
+    (kernel normalization, Niklaus et al. 2021), or by 1 where that is under 0.01 in magnitude."""
     _check(one, vertical1, horizontal1)
     _check(two, vertical2, horizontal2)
     if one.shape != two.shape or vertical1.shape != vertical2.shape:
         raise ValueError('sepconv_pair expects both frames and both kernel sets to have equal shapes')
-    return _apply(one, vertical1, horizontal1, two, vertical2, horizontal2)
+    output = _apply(one, vertical1, horizontal1, two, vertical2, horizontal2)
+    if not normalize:
+        return output
+    with torch.autocast(output.device.type, enabled=False):  # the mass in the op's precision
+        mass = sum(v.to(output.dtype).sum(1, keepdim=True) * h.to(output.dtype).sum(1, keepdim=True)
+                   for v, h in ((vertical1, horizontal1), (vertical2, horizontal2)))
+        return output / torch.where(mass.abs() < 0.01, torch.ones_like(mass), mass)

@@ -24,7 +24,7 @@ from cli import ArgumentParser, InputError, reason
 from files import check_not_an_input, check_writable, write_file
 import data
 from data import MOTION_BUCKETS, StepBatches, load_data, motion_bucket
-from model import KERNEL_SIZE, Network, keep_freed_memory, load_network
+from model import KERNEL_SIZE, OPTIONS, Network, keep_freed_memory, load_network, options_metadata
 from plot import plot_log
 from precision import CHOICES as PRECISIONS, native as native_precision, resolve as resolve_precision
 from vgg import feature_loss, load_vgg
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=300, help='steps of linear learning-rate warm-up')
     p.add_argument('--decay', type=int, default=0, help='steps before --max-steps over which the learning rate '
                                                           'falls linearly to 0 (less weight noise at the end)')
+    p.add_argument('--decay-minutes', type=float, default=0, help='minutes before --max-minutes over which the '
+                   'learning rate falls linearly to 0, for runs bounded by time')
     p.add_argument('--precision', choices=PRECISIONS, default='auto', help='autocast of the network; auto: '
                    'bf16 on CUDA and on CPUs with AMX or AVX512-BF16, else fp32')
     p.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='Adamax betas')
@@ -65,6 +67,12 @@ def parse_args(argv=None):
                    'ReLU where all its units are off (see KernelUnitReLU; 0: a plain ReLU)')
     p.add_argument('--leak-min-motion', type=float, default=0.0, help='--constant-leak only where the optical '
                    'flow moves more than this many pixels towards either frame (needs --kernel-until; 0: everywhere)')
+    p.add_argument('--kernel-normalization', action='store_true', help='divide the frame by the kernels\' mass '
+                   '(Niklaus et al. 2021); recorded in the weights')
+    p.add_argument('--input-normalization', action='store_true', help='the network sees the frames normalized to '
+                   'their joint mean and standard deviation (Niklaus et al. 2021); recorded in the weights')
+    p.add_argument('--head-prelu', action='store_true', help="PReLU as the kernel heads' last activation before "
+                   'the upsampling, slopes starting at 0 (the ReLU); recorded in the weights')
     p.add_argument('--middlebury', help='Middlebury folder to benchmark on at every evaluation')
     p.add_argument('--max-steps', type=int, default=100000, help='training steps in all')
     p.add_argument('--max-minutes', type=float, default=0, help='stop (and checkpoint) after this long')
@@ -182,6 +190,28 @@ class HeadMonitor:
                 'kernel_spread': sum(float(self.spread[name]) for name in HEADS) / len(HEADS)}
 
 
+def network_options(config):
+    """The network options a run's arguments (or a checkpoint's config) turn on."""
+    return tuple(name for name in OPTIONS if config.get(name))
+
+
+def with_options(network, options, source):
+    """A Network with `options` and the weights of `network` (read from `source`): a PReLU added starts at
+    slope 0, the ReLU, so the network starts at the same output."""
+    if set(network.options) - set(options):
+        raise InputError(f"{source} was trained with {', '.join(network.options)}: pass the same options "
+                         f"(--{' --'.join(name.replace('_', '-') for name in network.options)})")
+    built = Network(**dict.fromkeys(options, True))
+    built.load_state_dict(network.state_dict(), strict=False)  # only the new slopes are missing
+    return built
+
+
+def check_resumed_options(state, args, source):
+    if network_options(state['config']) != network_options(vars(args)):
+        raise InputError(f"{source} was trained with network options ({', '.join(network_options(state['config'])) or 'none'}) "
+                         f"other than these ({', '.join(network_options(vars(args))) or 'none'})")
+
+
 def save_checkpoint(path, network, optimizer, step, args):
     state = {'model': network.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
              'config': vars(args), 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
@@ -215,7 +245,8 @@ def export(checkpoint, target):
     from safetensors.torch import save_file
     state = read_checkpoint(checkpoint)
     weights = {k: v.half().contiguous() for k, v in state['model'].items()}
-    metadata = {'step': str(state['step']), 'loss': state['config']['loss']}
+    metadata = {'step': str(state['step']), 'loss': state['config']['loss'],
+                **options_metadata(network_options(state['config']))}
     write_file(target, lambda temporary: save_file(weights, temporary, metadata=metadata))
     print(f"wrote {target} (step {state['step']}, {len(weights)} tensors, fp16)")
 
@@ -329,10 +360,11 @@ def train(args, resumed=None, vgg=None):
     np.random.seed(args.seed)
     random.seed(args.seed)
 
+    options = network_options(vars(args))
     if args.init:
-        network = load_network(weights=args.init).to(device)
+        network = with_options(load_network(weights=args.init), options, args.init).to(device)
     else:
-        network = Network().to(device)
+        network = Network(**dict.fromkeys(options, True)).to(device)
         init_weights(network)
     leak_where_kernels_are_constant(network, args.constant_leak, args.leak_min_motion)
     vgg = vgg.to(device) if vgg is not None else None
@@ -341,6 +373,7 @@ def train(args, resumed=None, vgg=None):
     checkpoint = os.path.join(args.out, 'ckpt.pt')
     if args.resume == 'auto' and os.path.exists(checkpoint):
         resumed = read_checkpoint(checkpoint)
+        check_resumed_options(resumed, args, checkpoint)
     step = load_checkpoint(resumed, network, optimizer) if resumed else 0
     del resumed
     model = torch.nn.parallel.DistributedDataParallel(network) if distributed else network
@@ -362,7 +395,8 @@ def train(args, resumed=None, vgg=None):
     for batch in loader:
         if step >= args.max_steps:
             break
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay))
+        lr = args.lr * max(0.0, min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay),
+                           (args.max_minutes * 60 - (time.time() - started)) / (args.decay_minutes * 60 or math.inf)))
         kernel_target = args.kernel_target if step < args.kernel_until else 0.0
         loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision, kernel_target,
                                                       args.kernel_loss, args.kernel_moment)
@@ -417,12 +451,16 @@ def check_args(args):
     for name in ('kernel_target', 'kernel_moment', 'leak_min_motion'):
         if not 0 <= getattr(args, name) < math.inf:
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.constant_leak and args.head_prelu:
+        raise InputError('--constant-leak and --head-prelu both replace the heads\' last ReLU: choose one')
     if args.leak_min_motion > 0 and not args.kernel_until:
         raise InputError('--leak-min-motion needs the optical flow of --kernel-until')
     if not 0 < args.lr < math.inf:
         raise InputError(f'--lr must be a positive number, got {args.lr}')
     if not 0 <= args.max_minutes < math.inf:
         raise InputError(f'--max-minutes must be 0 (no limit) or more, got {args.max_minutes}')
+    if not 0 <= args.decay_minutes <= (args.max_minutes if args.decay_minutes else 0):
+        raise InputError(f'--decay-minutes must be 0, or up to --max-minutes ({args.max_minutes}), got {args.decay_minutes}')
     if not all(0 <= beta < 1 for beta in args.betas):
         raise InputError(f"--betas must be in [0, 1), got {' '.join(map(str, args.betas))}")
     data.check_arguments(args)
@@ -435,7 +473,11 @@ def check_args(args):
     if args.export:
         check_export(*args.export)
     # a bad file fails now, not after the data is extracted; the state is kept for train()
-    return read_checkpoint(args.resume) if args.resume and args.resume != 'auto' else None
+    if not args.resume or args.resume == 'auto':
+        return None
+    state = read_checkpoint(args.resume)
+    check_resumed_options(state, args, args.resume)
+    return state
 
 
 def check_export(checkpoint, target):

@@ -20,6 +20,9 @@ def test_help_shows_the_defaults(capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['--workers', '-1'], 'error: --workers must be 0 or more, got -1'),
+    (['--max-minutes', '5', '--decay-minutes', '6'], 'error: --decay-minutes must be 0, or up to --max-minutes (5.0)'),
+    (['--decay-minutes', '1'], 'error: --decay-minutes must be 0, or up to --max-minutes (0'),
+    (['--head-prelu', '--constant-leak', '0.1'], "error: --constant-leak and --head-prelu both replace"),
     (['--out', '/proc/sepconv/run'], 'error: cannot create --out /proc/sepconv/run: '),
 ])
 def test_bad_values(tmp_path, capsys, argv, message):
