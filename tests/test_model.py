@@ -191,7 +191,7 @@ def with_pixel(frame, value):
     return frame
 
 
-# issue 22: rows 7 (kinds and ranges), 8 (NaN, Inf), 9 (mixed kinds), 17 (tensor shapes), and more
+# Frames the API refuses: kinds and ranges, NaN and Inf, mixed kinds, tensor shapes, and more
 BAD_FRAMES = {
     'float 0-255': (FRAME.astype(np.float32), OTHER.astype(np.float32),
                     r'one has values from \d+ to \d+; expected 0 to 1$'),

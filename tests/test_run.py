@@ -204,7 +204,7 @@ DEEP = {'16-bit grey, dark': 'png', '16-bit RGB': 'tif', '10-bit grey PGM': 'ppm
 def test_every_depth_is_read_on_its_own_scale(tmp_path, kind):
     path = tmp_path / f'picture.{DEEP[kind]}'
     shown = save_deep(path, moving_square(1, 20, 30)[0], kind)
-    assert np.abs(read_image(path).astype(int) - shown).max() <= 1  # issue 22, rows 5 and 6
+    assert np.abs(read_image(path).astype(int) - shown).max() <= 1  # read on its own scale
 
 
 def test_the_same_picture_in_8_and_16_bits_gives_the_same_middle_frame(tmp_path, random_weights, capsys):
@@ -217,7 +217,7 @@ def test_the_same_picture_in_8_and_16_bits_gives_the_same_middle_frame(tmp_path,
         code, err = call(['--one', one, '--two', two, '--out', out, '--weights', random_weights], capsys)
         assert code == 0, err
         middles.append(np.asarray(Image.open(out)).astype(int))
-    assert np.abs(middles[0] - middles[1]).max() <= 1  # issue 22, row 5
+    assert np.abs(middles[0] - middles[1]).max() <= 1  # a 16-bit pair gives the middle of its 8-bit copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_a_100_megapixel_image_is_one_line_without_pillows_warning(bad, random_w
             code, err = call(pair('../bomb.png', '../bomb.png') + ['--weights', random_weights], capsys)
     finally:
         os.remove(bad / 'bomb.png')
-    assert (code, err.count('\n')) == (2, 1) and '10000x10000 frames need about' in err  # issue 22, row 10
+    assert (code, err.count('\n')) == (2, 1) and '10000x10000 frames need about' in err  # refused before any work
     assert [warning for warning in caught if issubclass(warning.category, Image.DecompressionBombWarning)] == []
 
 
@@ -356,7 +356,7 @@ def test_a_long_legal_output_name_works(tmp_path, random_weights, capsys):
     out = tmp_path / 'out' / ('x' * 251 + '.png')  # 255 bytes: the temporary name beside it must be shorter
     code, err = call(['--one', f'{inputs}/f0.png', '--two', f'{inputs}/f1.png', '--out', out,
                       '--weights', random_weights], capsys)
-    assert code == 0, err  # issue 22, row 11
+    assert code == 0, err  # a name of 255 bytes is legal
     assert os.listdir(tmp_path / 'out') == [out.name] and np.asarray(Image.open(out)).shape == (20, 30, 3)
 
 

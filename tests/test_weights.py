@@ -16,7 +16,7 @@ from model import interpolate, load_network, weights_path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQUENCE = 'MiniCooper'
 MOVING = ('DogDance', 'MiniCooper')  # larger motion, where the blend ghosts
-MARGIN_DB = 1.0  # the shipped weights beat the blend on MOVING by 1.76 dB (README, Results)
+MARGIN_DB = 1.0  # the shipped weights beat the blend on MOVING by 1.76 dB (weights/README.md)
 STILL = ('RubberWhale', 'Dimetrodon')  # sub-pixel motion, where the blend is hard to beat
 
 
