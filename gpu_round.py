@@ -2,7 +2,8 @@
 
     python gpu_round.py [OUT]              # on a CUDA machine (`make gpu-round`); OUT defaults to $OUT
     python gpu_round.py --dry-run OUT      # every step on the CPU at toy sizes
-    python gpu_round.py --carry            # fill gpu-carry/ with training clips, print the device-tool call
+    python gpu_round.py --carry            # fill gpu-carry/ with Middlebury and training clips for a
+                                           # remote GPU machine that receives a copy of the working tree
     python gpu_round.py --join PART... OUT.safetensors
 
 Every step runs even when an earlier one failed; each step's result goes into OUT/summary.json as soon
@@ -43,6 +44,11 @@ CARRY_ORDER = ['middlebury', 'train-videos/sam2-dog.mp4'] + [f'train-videos/{nam
     'bikes', 'bottle-detection', 'bigbuckbunny', 'sam2-coffee', 'sam2-blocks', 'sam2-default_juggle', 'sam2-bedroom',
     'sam2-cups', 'car-detection', 'one-by-one-person-detection')]
 VALIDATION = 'sam2-dog.mp4'
+# The default arms: the faithful network and the revisited options (Niklaus et al. 2021) alone and together,
+# from the bundled weights with the small-motion recipe (docs/training.md).
+ARMS = ['faithful', 'kernel-norm=--kernel-normalization', 'input-norm=--input-normalization', 'prelu=--head-prelu',
+        'revisited=--kernel-normalization --input-normalization --head-prelu']
+TRAIN_ARGS = '--lr 1e-4 --warmup 10 --kernel-until 1000000 --kernel-target 0.1 --motion-mix 0.25 0.35 0.2 0.12 0.08'
 COMPRESSED = 'middlebury-webp'  # gpu-carry/'s Middlebury
 SPEED_SIZES = ['640x480', '1280x720', '1920x1080', '3840x2160']
 # Seconds for the CUDA tests, the speed runs, the export after training and train.py's start-up; dry run second.
@@ -101,14 +107,14 @@ def join(parts, target):
 # Carry folder
 
 def travelling_bytes():
-    """Size of what the device tool sends without carry: tracked plus untracked, not ignored files."""
+    """Size of the working tree a remote GPU machine receives: tracked plus untracked, not ignored files."""
     names = subprocess.run(['git', 'ls-files', '-z', '--cached', '--others', '--exclude-standard'], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split('\0')
     return sum(os.path.getsize(os.path.join(ROOT, n)) for n in set(names) if n and os.path.isfile(os.path.join(ROOT, n)))
 
 
 def prepare_carry(source):
-    """Copy what fits of CARRY_ORDER from `source` into gpu-carry/ and print the device tool's arguments."""
+    """Copy what fits of CARRY_ORDER from `source` into gpu-carry/ and print the remote call's arguments."""
     from PIL import Image
     room = TRAVEL_LIMIT - TRAVEL_MARGIN - travelling_bytes()
     shutil.rmtree(CARRY, ignore_errors=True)
@@ -140,9 +146,9 @@ def prepare_carry(source):
         shutil.rmtree(staged, ignore_errors=True)
     print(f"gpu-carry/: {', '.join(carried)}")
     if left:
-        print(f"left out, over the 64 MiB the device tool sends: {', '.join(left)}")
+        print(f"left out, over the 64 MiB a copy of the working tree may take: {', '.join(left)}")
     print(f'{room / 2 ** 20:.1f} MiB to spare (after a {TRAVEL_MARGIN / 2 ** 20:.1f} MiB margin; prepare again if the '
-          'working tree grew). Device tool call (run):')
+          'working tree grew). Remote call:')
     print(json.dumps({'command': 'python3 gpu_round.py', 'carry': ['gpu-carry'], 'timeout_s': 600}))
 
 
@@ -502,9 +508,9 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--arm', action='append', type=arm_argument, metavar='NAME[=FLAGS]',
                         help="a training run with these train.py flags (e.g. 'kn=--kernel-normalization'); several "
-                             'train side by side (default: one, named train)')
-    parser.add_argument('--train-args', default='', help='train.py arguments for every arm')
-    parser.add_argument('--decay-share', type=float, default=0.0, help="share of the training's minutes over "
+                             f"train side by side (default: {', '.join(ARMS)})")
+    parser.add_argument('--train-args', default=TRAIN_ARGS, help='train.py arguments for every arm (default: %(default)s)')
+    parser.add_argument('--decay-share', type=float, default=0.3, help="share of the training's minutes over "
                         'which the learning rate falls to 0 at the end')
     parser.add_argument('--work', help='scratch folder (default runs/gpu-round, or runs/gpu-round-dry)')
     parser.add_argument('--carry', nargs='?', const=os.path.join(os.path.dirname(ROOT), 'shared', 'data'),
@@ -528,7 +534,7 @@ def main(argv=None):
             raise StepError('--minutes and --batch must be positive')
         if not 0 <= args.decay_share < 1:
             raise StepError('--decay-share must be in [0, 1)')
-        args.arm = args.arm or [('train', ())]
+        args.arm = args.arm or [arm_argument(arm) for arm in ARMS]
         if len({name for name, _ in args.arm}) < len(args.arm):
             raise StepError('two arms have one name')
         if not args.dry_run:

@@ -30,6 +30,7 @@ from precision import CHOICES as PRECISIONS, native as native_precision, resolve
 from vgg import feature_loss, load_vgg
 
 HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
+TYPICAL_MEAN, TYPICAL_DEVIATION = 0.5, 0.25  # of frames in [0, 1]; the training clips: 0.51 and 0.23 (see with_options)
 LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'kernel_target_loss', 'alive_vertical1', 'alive_horizontal1',
                'alive_vertical2', 'alive_horizontal2', 'constant_pixels', 'kernel_spread', 'samples_per_s', 'val_psnr',
                'val_blend_psnr', 'middlebury_psnr', 'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
@@ -137,7 +138,7 @@ class _KernelUnitReLU(torch.autograd.Function):
 class KernelUnitReLU(torch.nn.Module):
     """The kernel heads' last ReLU, with a gradient where it has none. Those 51 units per head are what makes
     a pixel's kernels depend on the input, and L1 training leaves them all negative where little moves: in
-    the campaign's step-1000 weights, on 98.8 % of Middlebury's RubberWhale, where every pixel got the
+    the small-motion run's step-1000 weights, on 98.8 % of Middlebury's RubberWhale, where every pixel got the
     heads' biases as kernels (the blend) and nothing could learn, neither the frame's loss nor the
     kernel targets. Where every unit of a head is off, this passes each unit slope times the part of its
     gradient that says "turn on"; elsewhere it is a ReLU. With min_motion > 0, only where the batch's
@@ -196,14 +197,26 @@ def network_options(config):
 
 
 def with_options(network, options, source):
-    """A Network with `options` and the weights of `network` (read from `source`): a PReLU added starts at
-    slope 0, the ReLU, so the network starts at the same output."""
+    """A Network with `options` and the weights of `network` (read from `source`), starting near its output: a
+    PReLU added starts at slope 0, the ReLU; input normalization added gets a first layer that computes on
+    normalized frames what the old one computed on frames of typical mean and deviation (fold_statistics)."""
     if set(network.options) - set(options):
         raise InputError(f"{source} was trained with {', '.join(network.options)}: pass the same options "
                          f"(--{' --'.join(name.replace('_', '-') for name in network.options)})")
     built = Network(**dict.fromkeys(options, True))
     built.load_state_dict(network.state_dict(), strict=False)  # only the new slopes are missing
+    if 'input_normalization' in options and 'input_normalization' not in network.options:
+        fold_statistics(built.netConv1[0])
     return built
+
+
+def fold_statistics(conv, mean=TYPICAL_MEAN, deviation=TYPICAL_DEVIATION):
+    """conv(x) = conv'((x - mean) / deviation) away from the zero-padded border: weights times deviation,
+    bias plus mean times the weights' sum. Without it, weights trained on frames in [0, 1] see inputs of
+    mean 0 and deviation 1, and the warm start begins at 20 times the blend's loss."""
+    with torch.no_grad():
+        conv.bias += mean * conv.weight.sum((1, 2, 3))
+        conv.weight *= deviation
 
 
 def check_resumed_options(state, args, source):

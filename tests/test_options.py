@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import train
 from cli import InputError
 from images import read_image
-from model import OPTIONS, Network, interpolate, load_network
+from model import OPTIONS, Network, interpolate, load_network, normalized_inputs
 from sepconv import sepconv_pair
 from test_train import run_args
 
@@ -190,3 +190,18 @@ def test_a_faithful_init_starts_prelu_heads_at_its_output(random_weights):
     one, two = torch.rand(2, 1, 3, 64, 64).unbind()
     with torch.no_grad():
         assert torch.equal(network(one, two), faithful(one, two))
+
+
+def test_input_normalization_added_to_trained_weights_starts_near_their_output(random_weights):
+    faithful = load_network(weights=random_weights)
+    network = train.with_options(faithful, ('input_normalization',), random_weights).eval()
+    frame = torch.rand(2, 3, 64, 64)
+    one, two = (0.25 * (x - x.mean()) / x.std(unbiased=False) + 0.5 for x in frame[:, None])
+    with torch.no_grad():
+        inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+        torch.testing.assert_close(network.netConv1[0](torch.cat(normalized_inputs(one, two), 1))[inside],
+                                   faithful.netConv1[0](torch.cat([one, two], 1))[inside], rtol=1e-4, atol=1e-4)
+        unfolded = Network(input_normalization=True).eval()
+        unfolded.load_state_dict(faithful.state_dict())
+        error = lambda net: (net(one, two) - faithful(one, two)).abs().mean()
+        assert error(network) < 0.1 * error(unfolded)
