@@ -122,3 +122,25 @@ def test_a_step_that_runs_too_long_is_stopped(tmp_path):
     with pytest.raises(gpu_round.StepError, match='timed out after 1 s'):
         gpu_round.Round(args).python('-c', 'import time; time.sleep(60)', timeout=1)
     assert time.time() - started < 20
+
+
+def test_carry_packs_middlebury_losslessly_and_what_fits(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    source, carry = tmp_path / 'data', tmp_path / 'carry'
+    frames = np.random.default_rng(0).integers(0, 256, (3, 24, 32, 3), dtype=np.uint8)
+    for sequence in ('Dimetrodon', 'Venus'):
+        (source / 'middlebury' / sequence).mkdir(parents=True)
+        for frame, name in zip(frames, ('frame10', 'frame11', 'frame10i11')):
+            Image.fromarray(frame).save(source / 'middlebury' / sequence / f'{name}.png')
+    (source / 'train-videos').mkdir()
+    for name in gpu_round.CARRY_ORDER[1:]:
+        (source / name).write_bytes(b'v' * (3000 if name.endswith('sam2-dog.mp4') else 100_000))
+    monkeypatch.setattr(gpu_round, 'CARRY', str(carry))
+    monkeypatch.setattr(gpu_round, 'travelling_bytes', lambda: gpu_round.TRAVEL_LIMIT - gpu_round.TRAVEL_MARGIN - 250_000)
+    gpu_round.prepare_carry(str(source))
+    assert sorted(os.listdir(carry / 'train-videos')) == ['bikes.mp4', 'bottle-detection.mp4', 'sam2-dog.mp4']
+    assert 'left out' in capsys.readouterr().out
+    unpacked = gpu_round.unpack_middlebury(str(tmp_path / 'work'))
+    assert [os.path.basename(s) for s in gpu_round.middlebury_sequences(unpacked)] == ['Dimetrodon', 'Venus']
+    for frame, name in zip(frames, ('frame10', 'frame11', 'frame10i11')):
+        assert np.array_equal(np.asarray(Image.open(os.path.join(unpacked, 'Venus', f'{name}.png'))), frame)
