@@ -6,7 +6,6 @@ frames scaled by 1/255 in float32, the estimate clipped to [0, 1] and truncated 
 PSNR and SSIM from scikit-image with data_range 255 (SSIM over the three channels, default window).
 The original compares BGR images; both metrics treat the channels alike, so RGB gives the same numbers.
 """
-import glob
 import os
 import sys
 import urllib.request
@@ -21,7 +20,7 @@ import cli
 from cli import ArgumentParser, InputError, path_argument
 from files import check_not_an_input, check_writable, write_file, write_json
 from images import image_size, read_image
-from model import DEVICES, MODELS, PADDINGS, PRECISIONS, estimate, keep_freed_memory, load_network, weights_path
+from model import MODELS, PADDINGS, PRECISIONS, estimate, keep_freed_memory, load_network, weights_path
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
@@ -64,14 +63,35 @@ def download_middlebury(target=CACHE_DIR, url=MIDDLEBURY_URL):
     return target
 
 
+def _listing(folder, what):
+    """The names in `folder`, hidden ones skipped; a folder that cannot be read is an error, not an empty one."""
+    try:
+        return sorted(name for name in os.listdir(folder) if not name.startswith('.'))
+    except OSError as error:
+        raise InputError(f'cannot read {what} {folder}: {error.strerror}') from None
+
+
+def _check_link(path):
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f'{path} is a dangling link (to {os.readlink(path)})')
+
+
 def find_sequences(data):
-    """(name, frame10, frame11, frame10i11) for every sequence folder in `data`. A sequence with a file missing
-    or frames of different sizes is an error: a mean over fewer sequences would not compare with the table."""
+    """(name, frame10, frame11, frame10i11) for every sequence folder in `data`. A sequence with a file missing,
+    unreadable or a dangling link, or frames of different sizes, is an error: a mean over fewer sequences would
+    not compare with the table."""
     if not os.path.isdir(data):
         raise InputError(f'not a folder: {data}' if os.path.exists(data) else f'no such folder: {data}')
     sequences = []
-    for folder in sorted(glob.glob(os.path.join(data, '*', ''))):
-        name, files = os.path.basename(folder[:-1]), [os.path.join(folder, frame) for frame in FRAMES]
+    for name in _listing(data, 'Middlebury folder'):
+        folder = os.path.join(data, name)
+        _check_link(folder)
+        if not os.path.isdir(folder):
+            continue
+        _listing(folder, 'Middlebury sequence folder')
+        files = [os.path.join(folder, frame) for frame in FRAMES]
+        for path in files:
+            _check_link(path)
         missing = [frame for frame, path in zip(FRAMES, files) if not os.path.isfile(path)]
         if missing == list(FRAMES):
             continue
@@ -156,7 +176,7 @@ def parse_args(argv=None):
                         help='bundled weights, or blend: 0.5 one + 0.5 two')
     parser.add_argument('--weights', help='weights file instead of the bundled ones')
     parser.add_argument('--padding', default='paper', choices=PADDINGS, help='frame padding, see run.py --help')
-    parser.add_argument('--device', default='auto', choices=DEVICES, help='where the network runs')
+    parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}', help='where the network runs')
     parser.add_argument('--precision', default='fp32', choices=PRECISIONS, help='network precision')
     parser.add_argument('--json', help='also write the results to this JSON file')
     return parser.parse_args(argv)
@@ -164,7 +184,7 @@ def parse_args(argv=None):
 
 def benchmark(args):
     if args.json is not None:
-        check_writable(path_argument('--json', args.json))
+        check_writable(path_argument('--json', args.json), [args.weights])
     try:
         data = args.data or download_middlebury()
     except OSError as error:

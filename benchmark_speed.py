@@ -17,10 +17,10 @@ import torch
 
 import cli
 import sepconv
-from cli import ArgumentParser, InputError
+from cli import ArgumentParser, InputError, path_argument
 from files import check_writable, write_json
 from precision import native as native_precision, resolve as resolve_precision
-from model import (DEVICES, KERNEL_SIZE, PRECISIONS, Network, estimate, keep_freed_memory, load_network,
+from model import (KERNEL_SIZE, PRECISIONS, Network, estimate, keep_freed_memory, load_network,
                    network_input, resolve_device)
 
 SPEED_SIZES = {'cpu': '640x480,1280x720', 'cuda': '640x480,1280x720,1920x1080,3840x2160'}
@@ -286,7 +286,7 @@ def headline(rows):
 def parse_args(argv=None):
     parser = ArgumentParser(prog='benchmark.py --speed', formatter_class=cli.HelpFormatter,
                             description='Time SepConv (randomly initialised network unless --weights is given).')
-    parser.add_argument('--device', default='auto', choices=DEVICES, help='where to time')
+    parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}', help='where to time')
     parser.add_argument('--sizes', help='comma-separated WIDTHxHEIGHT '
                         f"(default {SPEED_SIZES['cpu']} on cpu, {SPEED_SIZES['cuda']} on cuda)")
     parser.add_argument('--precisions', default='auto', help='comma-separated network precisions to time, of '
@@ -300,8 +300,8 @@ def parse_args(argv=None):
 
 
 def benchmark_speed(args):
-    if args.json:
-        check_writable(args.json)
+    if args.json is not None:  # never onto the weights it times
+        check_writable(path_argument('--json', args.json), [args.weights])
     device = resolve_device(args.device)
     sizes = parse_sizes(args.sizes or SPEED_SIZES[device.type])
     if args.repeats is not None and args.repeats < 1:
@@ -309,14 +309,14 @@ def benchmark_speed(args):
     timed = parse_precisions(args.precisions, device)
     kept = keep_freed_memory()
     peaks, rows = speed(device, sizes, timed, args.repeats, args.weights)
-    print(report_speed(peaks, rows, device))
-    print(f"freed memory {'kept for reuse (model.keep_freed_memory)' if kept else 'returned to the system'}")
-    if args.json:
+    if args.json is not None:  # written first: a report that cannot be printed does not lose the results
         write_json(args.json, {'device': device.type, 'device_name': describe(device), 'peak_gflops': peaks,
                                'freed_memory_kept': kept,
                                'matmul_size': MATMUL_SIZE[device.type], 'kernel_size': KERNEL_SIZE, 'rows': rows,
                                'headline': headline(rows)})
-    print(headline(rows))
+    cli.output(report_speed(peaks, rows, device))
+    cli.output(f"freed memory {'kept for reuse (model.keep_freed_memory)' if kept else 'returned to the system'}")
+    cli.output(headline(rows))
 
 
 def main(argv=None):

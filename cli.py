@@ -2,6 +2,7 @@
 import argparse
 import errno
 import os
+import re
 import signal
 import sys
 
@@ -38,9 +39,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class SideChannel:
     """sys.stderr for progress bars and messages, which must never fail a job: on a closed, broken or full
-    stderr the text is dropped and fd 2 is pointed at /dev/null, so that the exit's own flush succeeds too."""
+    stderr the text is dropped and fd 2 is pointed at /dev/null, so that the exit's own flush succeeds too.
+    It knows whether a progress bar holds the current line, so that a message starts on a line of its own."""
+
+    def __init__(self):
+        self.line = ''
 
     def write(self, text):
+        self.line = (text.rsplit('\n', 1)[1] if '\n' in text else self.line + text).rsplit('\r', 1)[-1]
         try:
             sys.stderr.write(text)  # sys.stderr is None when Python started with fd 2 closed
             sys.stderr.flush()
@@ -64,24 +70,32 @@ def mute(stream):
 
 
 side_channel = SideChannel()
+stdout_lost = False  # set once a line on stdout could not be written
 
 
 def say(line):
-    """One line on stderr that never fails the job."""
-    side_channel.write(f'{line}\n')
+    """One line on stderr, on a line of its own, that never fails the job."""
+    side_channel.write(('\n' if side_channel.line.strip() else '') + f'{line}\n')
 
 
-def output(line):
-    """One line of a command's result on stdout; one that cannot be written (a full disk, a closed pipe, a closed
-    stdout) is an InputError, since the result is lost."""
+def output(line, result=True):
+    """One line on stdout. One that cannot be written (a full disk, a closed pipe, a closed stdout) never
+    stops the job: a `result` (a command's only output) lost is an InputError once the job is done, since
+    the caller raises it last; any other line is dropped after one notice."""
+    global stdout_lost
+    if stdout_lost and not result:
+        return
     try:
         if sys.stdout is None:  # Python started with fd 1 closed
             raise OSError(errno.EBADF, 'standard output is closed')
         print(line, flush=True)
     except (OSError, ValueError) as error:  # ValueError: the stream was closed
+        why = getattr(error, 'strerror', None) or reason(error)
         mute(sys.stdout)
-        raise InputError(f'cannot write to standard output: {getattr(error, "strerror", None) or reason(error)}') \
-            from None
+        stdout_lost = True
+        if result:
+            raise InputError(f'cannot write to standard output: {why}') from None
+        say(f'notice: standard output lost ({why}); going on without it')
 
 
 def reason(error):
@@ -98,6 +112,8 @@ def _interrupt(number, frame):
 def run(command, *args):
     """command(*args) as an exit status: 0; 2 after one `error:` line for an InputError; 128 + N after one
     line for signal N (SIGINT, SIGTERM, SIGHUP), once the command's own clean-up has run."""
+    global stdout_lost
+    stdout_lost = False
     previous = {number: signal.getsignal(number) for number in SIGNALS}
     for number, handler in previous.items():
         if handler is not signal.SIG_IGN:  # nohup and background shells ignore some signals on purpose
@@ -128,6 +144,16 @@ def path_argument(what, value):
     if '\0' in path:
         raise InputError(f'{what} path contains a NUL character')
     return path
+
+
+def device(text):
+    """--device: auto, cpu, cuda, or cuda:N for the N-th GPU (a torch.device); the machine is asked later."""
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', text):
+        raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from auto, cpu, cuda, cuda:N)")
+    if ':' not in text:
+        return text
+    import torch  # commands only: the Python API takes a torch.device itself
+    return torch.device(text)
 
 
 def check_choice(what, value, choices):

@@ -18,9 +18,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import video
-from cli import InputError
-from files import write_file
-from images import IMAGE_EXTENSIONS
+from cli import InputError, output, side_channel
+from files import check_folder, write_stream
+from images import IMAGE_EXTENSIONS, frame_paths
 from media import SCENE_CUT_THRESHOLD, scene_cut
 from video import VIDEO_EXTENSIONS
 
@@ -191,32 +191,35 @@ def extract_patches(frames, args, rng):
 
 
 def fingerprint(source):
-    """SHA-1 of a video's bytes, or of a frame folder's file names and sizes: the same key wherever and
-    whenever the source was copied."""
-    digest = hashlib.sha1()
-    if os.path.isdir(source):
-        for name in sorted(os.listdir(source)):
-            digest.update(f'{name}:{os.path.getsize(os.path.join(source, name))};'.encode())
-    else:
-        with open(source, 'rb') as file:
+    """SHA-1 of a video's bytes, or of a frame folder's frames (names and bytes): the same key wherever and
+    whenever the source was copied, and a new one whenever a frame changes."""
+    digest, folder = hashlib.sha1(), os.path.isdir(source)
+    for path in frame_paths(source) if folder else [source]:
+        if folder:
+            digest.update(f'{os.path.basename(path)}:{os.path.getsize(path)};'.encode())
+        with open(path, 'rb') as file:
             for block in iter(lambda: file.read(1 << 20), b''):
                 digest.update(block)
     return digest.hexdigest()
 
 
-def cached_patches(source, args):
-    """Patches and motions of one source, extracted once into args.cache, memory-mapped after that."""
+def cache_paths(source, args):
+    """The patches' and the motions' files of one source in args.cache, and the source's fingerprint."""
     content = fingerprint(source)
     key = json.dumps([CACHE_VERSION, SCENE_CUT_THRESHOLD, content, args.patch, args.strides,
                       args.motion_scale, args.static_keep, args.crops, args.max_per_video, args.seed])
     name = f'{os.path.basename(source.rstrip("/"))}-{hashlib.sha1(key.encode()).hexdigest()[:12]}'
-    path, motion_path = (os.path.join(args.cache, f'{name}{suffix}.npy') for suffix in ('', '-motion'))
+    return (*(os.path.join(args.cache, f'{name}{suffix}.npy') for suffix in ('', '-motion')), content)
+
+
+def cached_patches(source, args, paths=None):
+    """Patches and motions of one source, extracted once into args.cache, memory-mapped after that."""
+    path, motion_path, content = paths or cache_paths(source, args)
     if not os.path.exists(path):
-        os.makedirs(args.cache, exist_ok=True)
         rng = np.random.default_rng([args.seed, int(content[:8], 16)])
         patches, motions = extract_patches(read_frames(source), args, rng)
         for target, array in ((motion_path, motions), (path, patches)):  # patches last: they mark completion
-            write_file(target, lambda temporary: np.save(temporary, array))
+            write_stream(target, lambda file: np.save(file, array))
     return np.load(path, mmap_mode='r'), np.load(motion_path)
 
 
@@ -379,19 +382,32 @@ def motion_table(motions, weights=None):
     return ' | '.join(f'{name} {share:.0%}' for name, share in zip(MOTION_BUCKETS, counts / max(1e-12, counts.sum())))
 
 
+def frame_size(source):
+    """(width, height) of a source's frames."""
+    clip = video.FrameSource(source)
+    return clip.width, clip.height
+
+
 def load_data(args, is_main, flows=False):
-    """(training Triplets, with middle_flows if `flows`; validation Triplets; the validation patches' motions)."""
+    """(training Triplets, with middle_flows if `flows`; validation Triplets; the validation patches' motions).
+    A cache that patches must go to but cannot is refused before any extraction."""
     sources, held_out = find_sources(args.data), find_sources(args.val_data)
     if not sources:
         raise InputError('no training videos or frame folders given (--data)')
+    paths = {source: cache_paths(source, args) for source in sources + held_out}
+    if not all(os.path.exists(path) for path, _, _ in paths.values()):
+        check_folder(args.cache)
     if args.extract_workers > 1:  # fill the cache in parallel; the loop below then only maps it
         with multiprocessing.Pool(args.extract_workers) as pool:
-            pool.starmap(cached_patches, [(source, args) for source in sources + held_out])
-    progress = tqdm(sources + held_out, desc='extracting patches', disable=not is_main)
-    loaded = {source: cached_patches(source, args) for source in progress}
+            pool.starmap(cached_patches, [(source, args, paths[source]) for source in sources + held_out])
+    progress = tqdm(sources + held_out, desc='extracting patches', disable=not is_main, file=side_channel)
+    loaded = {source: cached_patches(source, args, paths[source]) for source in progress}
     motions = [loaded[s][1] for s in sources]
     if sum(map(len, motions)) == 0:
-        raise InputError('no patches found in the training data')
+        smallest = min((frame_size(source) for source in sources), key=min)
+        hint = (f': the frames ({smallest[0]}x{smallest[1]}) are smaller than --patch {args.patch}'
+                if min(smallest) < args.patch else ' (too little motion? lower --motion-scale, or raise --static-keep)')
+        raise InputError(f'no patches found in the training data{hint}')
     weights = sampling_weights(motions, args)
     train = Triplets([loaded[s][0] for s in sources], args.crop, args.seed, weights=weights,
                      shift=args.shift, shift_share=args.shift_share, synthetic=args.synthetic,
@@ -400,7 +416,7 @@ def load_data(args, is_main, flows=False):
     val_motions = np.concatenate([loaded[s][1][:256] for s in held_out] or [np.zeros(0, np.float32)])
     if is_main:
         cached = np.concatenate(motions)
-        print(f'{len(train)} training patches from {len(sources)} sources ({motion_table(cached)}); '
-              f'drawn as {motion_table(cached, weights)}; '
-              f'{len(val)} validation patches from {len(held_out)} sources ({motion_table(val_motions)})')
+        output(f'{len(train)} training patches from {len(sources)} sources ({motion_table(cached)}); '
+               f'drawn as {motion_table(cached, weights)}; '
+               f'{len(val)} validation patches from {len(held_out)} sources ({motion_table(val_motions)})', result=False)
     return train, val, val_motions

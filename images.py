@@ -42,7 +42,11 @@ def _open_image(path):
     except Image.DecompressionBombError as error:
         raise InputError(f'image {path} is too large: {error}') from None
     if getattr(image, 'n_frames', 1) > 1:
+        pages, kind = image.n_frames, image.format
         image.close()
+        if kind == 'TIFF':  # which ffmpeg reads as one frame: no video either
+            raise InputError(f'{path} is a multi-page TIFF ({pages} pages); a frame is one image: save each page '
+                             'as an image of its own')
         raise InputError(f'{path} is an animation, not a still image: pass it as --video instead')
     return image
 

@@ -332,8 +332,8 @@ def interpolate_video(source, out, network=None, model='l1', weights=None, facto
     source, out = path_argument('source', source), path_argument('out', out)
     to_folder = is_frame_folder(out)
     clip = FrameSource(source)
+    check_video_output(out, source)  # before plan_rates' notices: a refusal is one line
     source_rate, timeline, rate, keep_audio = plan_rates(clip, factor, fps, slowmo, to_folder)
-    check_video_output(out, source)
     check_not_an_input(out, [weights and path_argument('weights', weights)])
     device = next(network.parameters()).device if network else resolve_device(device)
     batch_size = choose_batch_size(clip.width, clip.height, device, padding, batch_size)

@@ -3,6 +3,8 @@ import ctypes
 import math
 import os
 import pickle
+import pickletools
+import zipfile
 
 import numpy as np
 import safetensors.torch
@@ -168,10 +170,15 @@ def load_state_dict(path):
         else:
             state, metadata = torch.load(path, map_location='cpu', weights_only=True), {}
     except pickle.UnpicklingError:  # torch's own text is a page long, with terminal escapes
+        if is_checkpoint(path):
+            raise InputError(f'{path} is a train.py checkpoint, not weights: export them with '
+                             f'python train.py --export {path} WEIGHTS.safetensors') from None
         raise InputError(f'cannot read weights {path}: not a state dict of tensors (a damaged file, or '
                          'pickled objects that are not loaded for safety)') from None
     except (safetensors.SafetensorError, RuntimeError, OSError, EOFError) as error:
         raise InputError(f'cannot read weights {path}: {reason(error)}') from None
+    except Exception as error:  # any bytes reach the unpickler: a text file gives a KeyError, ...
+        raise InputError(f'{path} is not a weights file ({type(error).__name__}: {reason(error)})') from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise InputError(f'{path} does not hold SepConv weights: expected a state dict of tensors')
     return {key.replace('module', 'net'): value.float() for key, value in state.items()}, read_options(metadata, path)
@@ -200,14 +207,36 @@ def load_network(model='l1', weights=None, device='cpu'):
     path = weights_path(model) if weights is None else path_argument('weights', weights)
     state, options = load_state_dict(path)
     network = Network(**dict.fromkeys(options, True))
-    expected = network.state_dict()
+    check_weights(state, path, network)
+    network.load_state_dict(state)
+    return network.to(device).eval()
+
+
+def check_weights(state, path, network=None):
+    """Refuse a state dict that is not `network`'s (a new Network by default): tensors missing, unexpected or
+    of the wrong shape, or values that are not finite (one NaN makes every output frame black)."""
+    expected = (network or Network()).state_dict()
     wrong = sorted(expected.keys() ^ state.keys()) + [key for key in expected.keys() & state.keys()
-                                                       if state[key].shape != expected[key].shape]
+                                                       if tuple(state[key].shape) != tuple(expected[key].shape)]
     if wrong:
         raise InputError(f'{path} does not hold SepConv weights: {len(wrong)} tensors missing, unexpected '
                          f'or of the wrong shape (e.g. {wrong[0]})')
-    network.load_state_dict(state)
-    return network.to(device).eval()
+    broken = [key for key in sorted(state) if not torch.isfinite(state[key].float()).all()]
+    if broken:
+        raise InputError(f'{path} holds weights that are not finite (NaN or infinity) in {len(broken)} tensors, '
+                         f'e.g. {broken[0]}')
+
+
+def is_checkpoint(path):
+    """Whether `path` is a train.py checkpoint, read from its pickle's opcodes without running them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(name for name in archive.namelist() if name.endswith('/data.pkl'))
+            strings = {argument for _, argument, _ in pickletools.genops(archive.read(name))
+                       if isinstance(argument, str)}
+    except (zipfile.BadZipFile, StopIteration, OSError, ValueError, pickle.UnpicklingError):
+        return False
+    return {'model', 'optimizer', 'step', 'rng'} <= strings
 
 
 # ---------------------------------------------------------------------------------------------

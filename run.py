@@ -11,7 +11,7 @@ from cli import ArgumentParser, InputError
 from files import check_not_an_input
 from images import check_image_output, image_size, read_image, write_image
 from media import MAX_DEPTH, MAX_TIME_ERROR, check_memory, interpolate_video
-from model import DEVICES, MODELS, PADDINGS, interpolate, keep_freed_memory, load_network, resolve_device
+from model import MODELS, PADDINGS, interpolate, keep_freed_memory, load_network, resolve_device
 
 VIDEO_OPTIONS = ('factor', 'fps', 'slowmo', 'max_time_error', 'no_scene_detect', 'batch_size')
 
@@ -73,7 +73,7 @@ def parse_args(argv=None):
                                           'original sepconv-slomo .pytorch state dict)')
     common.add_argument('--padding', default='paper', choices=PADDINGS,
                         help="paper: 25 px border as published; improved: the original repository's later variant")
-    common.add_argument('--device', default='auto', choices=DEVICES, help='where the network runs')
+    common.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}', help='where the network runs')
     return parser.parse_args(argv)
 
 

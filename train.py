@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=8 train.py ...            # DistributedDataParallel
     python train.py --export runs/l1/ckpt.pt weights/network-l1.safetensors
 """
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -19,12 +21,12 @@ import torch
 from tqdm import tqdm
 
 import cli
-from benchmark import evaluate, mean
+from benchmark import evaluate, find_sequences, mean
 from cli import ArgumentParser, InputError, reason
-from files import check_not_an_input, check_writable, write_file
+from files import append, check_not_an_input, check_writable, is_within, lock, write_file, write_stream
 import data
 from data import MOTION_BUCKETS, StepBatches, load_data, motion_bucket
-from model import KERNEL_SIZE, OPTIONS, Network, keep_freed_memory, load_network, options_metadata
+from model import KERNEL_SIZE, OPTIONS, Network, check_weights, keep_freed_memory, load_network, options_metadata
 from plot import plot_log
 from precision import CHOICES as PRECISIONS, native as native_precision, resolve as resolve_precision
 from vgg import feature_loss, load_vgg
@@ -230,38 +232,66 @@ def save_checkpoint(path, network, optimizer, step, args):
              'config': vars(args), 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
                                            'python': random.getstate(),
                                            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    write_file(path, lambda temporary: torch.save(state, temporary))
+    write_stream(path, lambda file: torch.save(state, file))
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, resume=True):
+    """A checkpoint validated whole before any work: its weights (those of the network, finite), step and
+    loss, and to `resume` it also its optimizer state and random number generators' states."""
     try:
         state = torch.load(path, map_location='cpu', weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ImportError, AttributeError) as error:
+    except Exception as error:  # any bytes reach the unpickler
         raise InputError(f'{path} is not a train.py checkpoint: {reason(error)}') from None
     if not isinstance(state, dict) or not {'model', 'optimizer', 'step', 'config', 'rng'} <= state.keys():
         raise InputError(f'{path} is not a train.py checkpoint')
+    if not isinstance(state['model'], dict) or not all(isinstance(v, torch.Tensor) for v in state['model'].values()):
+        raise InputError(f'{path} is not a train.py checkpoint: its model is not a state dict of tensors')
+    if type(state['step']) is not int or state['step'] < 0 or not isinstance(state['config'], dict) \
+            or state['config'].get('loss') not in ('l1', 'lf'):
+        raise InputError(f'{path} is not a train.py checkpoint: no step and loss')
+    network = Network(**dict.fromkeys(network_options(state['config']), True))
+    check_weights(state['model'], path, network)
+    if resume:
+        try:
+            load_checkpoint(state, network, None, into_a_copy=True)
+        except Exception as error:  # what a checkpoint of another version or a damaged one raises varies
+            raise InputError(f'{path} cannot be resumed: {type(error).__name__}: {reason(error)}') from None
     return state
 
 
-def load_checkpoint(state, network, optimizer):
+def load_checkpoint(state, network, optimizer, into_a_copy=False):
+    """Restore the network, the optimizer and the random number generators (into_a_copy: into new ones, to
+    try a checkpoint without changing anything)."""
     network.load_state_dict(state['model'])
+    optimizer = optimizer or torch.optim.Adamax(parameter_groups(network))
     optimizer.load_state_dict(state['optimizer'])
-    torch.set_rng_state(state['rng']['torch'])
-    np.random.set_state(state['rng']['numpy'])
-    random.setstate(state['rng']['python'])
-    if state['rng']['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['rng']['cuda'])
+    for parameter in network.parameters():
+        moments = optimizer.state.get(parameter, {})
+        if any(value.shape != parameter.shape for key, value in moments.items() if key != 'step'):
+            raise ValueError("the optimizer's state does not fit the network")
+    rng = state['rng']
+    if into_a_copy:
+        torch.Generator().set_state(rng['torch'])
+        np.random.RandomState().set_state(rng['numpy'])
+        random.Random().setstate(rng['python'])
+        return state['step']
+    torch.set_rng_state(rng['torch'])
+    np.random.set_state(rng['numpy'])
+    random.setstate(rng['python'])
+    if rng['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng['cuda'])
     return state['step']
 
 
 def export(checkpoint, target):
-    from safetensors.torch import save_file
-    state = read_checkpoint(checkpoint)
+    import safetensors.torch
+    state = read_checkpoint(checkpoint, resume=False)
     weights = {k: v.half().contiguous() for k, v in state['model'].items()}
+    check_weights(weights, checkpoint)  # fp16 overflows to infinity above 65504
     metadata = {'step': str(state['step']), 'loss': state['config']['loss'],
                 **options_metadata(network_options(state['config']))}
-    write_file(target, lambda temporary: save_file(weights, temporary, metadata=metadata))
-    print(f"wrote {target} (step {state['step']}, {len(weights)} tensors, fp16)")
+    write_stream(target, lambda file: file.write(safetensors.torch.save(weights, metadata=metadata)))
+    cli.output(f"wrote {target} (step {state['step']}, {len(weights)} tensors, fp16)", result=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +326,7 @@ def score_middlebury(network, folder, log_folder, step):
     network.eval()
     results = evaluate(network, folder)
     network.train()
-    with open(os.path.join(log_folder, 'middlebury.jsonl'), 'a') as file:
-        file.write(json.dumps({'step': step, 'sequences': results}) + '\n')
+    append(os.path.join(log_folder, 'middlebury.jsonl'), json.dumps({'step': step, 'sequences': results}) + '\n')
     worst = min(row['psnr'] - row['blend_psnr'] for row in results.values())
     return {'middlebury_psnr': f"{mean(results, 'psnr'):.3f}", 'middlebury_blend_psnr': f"{mean(results, 'blend_psnr'):.3f}",
             'middlebury_worst_gain': f'{worst:.3f}'}
@@ -329,6 +358,10 @@ def kernel_target_loss(kernels, flows, distance='l1', moment=0.0):
     return loss / 4
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A step whose loss or gradients are NaN or infinite: taking it would ruin the weights."""
+
+
 def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_target=0.0, kernel_loss='l1',
                   kernel_moment=0.0):
     """One optimizer step on (one, middle, two[, flows]) with the network under autocast in `precision`
@@ -349,7 +382,12 @@ def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_tar
     loss = (output - middle).abs().mean() if vgg is None else feature_loss(vgg, output, middle)
     targets = kernel_target_loss(kernels, flows[0], kernel_loss, kernel_moment) if flows and kernel_target > 0 else None
     optimizer.zero_grad(set_to_none=True)
-    (loss if targets is None else loss + kernel_target * targets).backward()
+    total = loss if targets is None else loss + kernel_target * targets
+    total.backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    if not (torch.isfinite(total) & torch.stack([g.isfinite().all() for g in gradients]).all()):
+        raise NonFiniteLoss(f'the loss is not finite ({total.item():g})' if not torch.isfinite(total) else
+                            'the gradients are not finite')  # the same on every process: DDP averaged them
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
     optimizer.step()
@@ -357,7 +395,7 @@ def training_step(model, vgg, optimizer, batch, lr, precision='auto', kernel_tar
 
 
 def train(args, resumed=None, vgg=None):
-    """The training loop; `resumed`: a checkpoint read already (--resume FILE); `vgg`: the Lf network."""
+    """The training loop; `resumed`: the checkpoint to resume, read already; `vgg`: the Lf network."""
     distributed = 'RANK' in os.environ
     if distributed:
         torch.distributed.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
@@ -384,10 +422,7 @@ def train(args, resumed=None, vgg=None):
     train_set, val_set, val_motions = load_data(args, is_main, flows=args.kernel_until > 0)
     optimizer = torch.optim.Adamax(parameter_groups(network), lr=args.lr, betas=tuple(args.betas))
     checkpoint = os.path.join(args.out, 'ckpt.pt')
-    if args.resume == 'auto' and os.path.exists(checkpoint):
-        resumed = read_checkpoint(checkpoint)
-        check_resumed_options(resumed, args, checkpoint)
-    step = load_checkpoint(resumed, network, optimizer) if resumed else 0
+    step = saved = load_checkpoint(resumed, network, optimizer) if resumed else 0
     del resumed
     model = torch.nn.parallel.DistributedDataParallel(network) if distributed else network
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=StepBatches(step, args.batch, rank, world),
@@ -395,64 +430,99 @@ def train(args, resumed=None, vgg=None):
                                          persistent_workers=args.workers > 0)
     monitor = HeadMonitor(network)
     log_path = os.path.join(args.out, 'log.csv')
-    if is_main:
-        rows = list(csv.DictReader(open(log_path))) if os.path.exists(log_path) else []
-        with open(log_path, 'w', newline='') as file:  # rows past the checkpoint are from a run that died
-            writer = csv.DictWriter(file, LOG_COLUMNS, extrasaction='ignore')  # columns of older versions go
-            writer.writeheader()
-            writer.writerows(row for row in rows if int(row['step']) <= step)
+    if is_main:  # rows past the checkpoint are from a run that died; columns of older versions go
+        rows = [row for row in read_log(log_path) if row['step'] <= step]
+        write_file(log_path, lambda temporary: write_log(temporary, rows))
 
     started, tick = time.time(), time.time()
-    progress = tqdm(total=args.max_steps, initial=step, desc=f'train {args.loss}', disable=not is_main)
+    progress = tqdm(total=args.max_steps, initial=step, desc=f'train {args.loss}', disable=not is_main,
+                    file=cli.side_channel)
     network.train()
-    for batch in loader:
-        if step >= args.max_steps:
-            break
-        lr = args.lr * max(0.0, min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay),
-                           (args.max_minutes * 60 - (time.time() - started)) / (args.decay_minutes * 60 or math.inf)))
-        kernel_target = args.kernel_target if step < args.kernel_until else 0.0
-        loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision, kernel_target,
-                                                      args.kernel_loss, args.kernel_moment)
-        step += 1
+    try:
+        for batch in loader:
+            if step >= args.max_steps:
+                break
+            lr = args.lr * max(0.0, min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay),
+                               (args.max_minutes * 60 - (time.time() - started)) / (args.decay_minutes * 60 or math.inf)))
+            kernel_target = args.kernel_target if step < args.kernel_until else 0.0
+            try:
+                loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision,
+                                                              kernel_target, args.kernel_loss, args.kernel_moment)
+            except NonFiniteLoss as error:
+                kept = f'{checkpoint} keeps step {saved}' if saved else 'no checkpoint was written'
+                raise InputError(f'step {step + 1}: {error}; training stopped, {kept} (try a lower --lr)') from None
+            step += 1
 
-        stop = torch.tensor(float(step >= args.max_steps or 0 < args.max_minutes * 60 < time.time() - started))
-        if distributed:
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        stop = bool(stop)
-        if not is_main:
-            continue
-        throughput = args.batch / (time.time() - tick)
-        tick = time.time()
-        loss, blend_loss = loss.item(), blend_loss.item()
-        row = {'step': step, 'loss': f'{loss:.5f}', 'blend_loss': f'{blend_loss:.5f}',
-               'ratio': f'{loss / max(blend_loss, 1e-8):.4f}', 'samples_per_s': f'{throughput:.2f}'}
-        if target_loss is not None:
-            row['kernel_target_loss'] = f'{target_loss.item():.5f}'
-        row |= {key: f'{value:.4g}' for key, value in monitor.read().items()}
-        progress.update(1)
-        progress.set_postfix(ratio=row['ratio'], alive=row['alive_vertical1'], samples_per_s=row['samples_per_s'])
-        if step % args.eval_every == 0 or stop:
-            row |= validate(network, val_set, val_motions, device, args.batch)
-            if args.middlebury:
-                row |= score_middlebury(network, args.middlebury, args.out, step)
-            progress.write(f"step {step}: loss/blend {row['ratio']} | validation PSNR {row.get('val_psnr', '-')} "
+            stop = torch.tensor(float(step >= args.max_steps or 0 < args.max_minutes * 60 < time.time() - started))
+            if distributed:
+                torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(stop)
+            if not is_main:
+                continue
+            throughput = args.batch / (time.time() - tick)
+            tick = time.time()
+            loss, blend_loss = loss.item(), blend_loss.item()
+            row = {'step': step, 'loss': f'{loss:.5f}', 'blend_loss': f'{blend_loss:.5f}',
+                   'ratio': f'{loss / max(blend_loss, 1e-8):.4f}', 'samples_per_s': f'{throughput:.2f}'}
+            if target_loss is not None:
+                row['kernel_target_loss'] = f'{target_loss.item():.5f}'
+            row |= {key: f'{value:.4g}' for key, value in monitor.read().items()}
+            progress.update(1)
+            progress.set_postfix(ratio=row['ratio'], alive=row['alive_vertical1'], samples_per_s=row['samples_per_s'])
+            if step % args.eval_every == 0 or stop:
+                row |= validate(network, val_set, val_motions, device, args.batch)
+                if args.middlebury:
+                    row |= score_middlebury(network, args.middlebury, args.out, step)
+                progress.clear()
+                cli.output(f"step {step}: loss/blend {row['ratio']} | validation PSNR {row.get('val_psnr', '-')} "
                            f"(blend {row.get('val_blend_psnr', '-')}) | Middlebury PSNR "
                            f"{row.get('middlebury_psnr', '-')} (blend {row.get('middlebury_blend_psnr', '-')}, worst "
-                           f"sequence {row.get('middlebury_worst_gain', '-')} dB)")
-        with open(log_path, 'a', newline='') as file:
-            csv.DictWriter(file, LOG_COLUMNS).writerow(row)
-        if step % args.ckpt_every == 0 or stop:
-            save_checkpoint(checkpoint, network, optimizer, step, args)
-            plot_log(log_path, os.path.join(args.out, 'loss.png'))
-        if stop:
-            break
-    progress.close()
+                           f"sequence {row.get('middlebury_worst_gain', '-')} dB)", result=False)
+                progress.refresh()
+            append(log_path, log_line(row))
+            if step % args.ckpt_every == 0 or stop:
+                save_checkpoint(checkpoint, network, optimizer, step, args)
+                saved = step
+                plot_log(log_path, os.path.join(args.out, 'loss.png'))
+            if stop:
+                break
+    finally:
+        progress.close()
     if distributed:
         torch.distributed.destroy_process_group()
 
 
+def read_log(path):
+    """The rows of a log.csv (none where there is none), their steps as numbers; one that is not a training
+    log is refused."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, newline='') as file:
+            rows = list(csv.DictReader(file))
+        for row in rows:
+            row['step'] = int(row['step'])
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as error:
+        raise InputError(f'{path} is not a training log ({type(error).__name__}: {reason(error)}): move it '
+                         'away, or give another --out') from None
+    return rows
+
+
+def write_log(path, rows):
+    with open(path, 'w', newline='') as file:
+        writer = csv.DictWriter(file, LOG_COLUMNS, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_line(row):
+    line = io.StringIO()
+    csv.DictWriter(line, LOG_COLUMNS).writerow(row)
+    return line.getvalue()
+
+
 def check_args(args):
-    """Every argument checked before any work, one line each; returns the --resume FILE checkpoint."""
+    """Every argument checked before any work, one line each; returns the checkpoint to resume, read."""
     for name in ('batch', 'ckpt_every', 'eval_every', 'max_steps'):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -468,8 +538,8 @@ def check_args(args):
         raise InputError('--constant-leak and --head-prelu both replace the heads\' last ReLU: choose one')
     if args.leak_min_motion > 0 and not args.kernel_until:
         raise InputError('--leak-min-motion needs the optical flow of --kernel-until')
-    if not 0 < args.lr < math.inf:
-        raise InputError(f'--lr must be a positive number, got {args.lr}')
+    if not 0 < args.lr <= 1:  # Adamax moves every weight by about lr a step: above 1 it overflows
+        raise InputError(f'--lr must be in (0, 1], got {args.lr}')
     if not 0 <= args.max_minutes < math.inf:
         raise InputError(f'--max-minutes must be 0 (no limit) or more, got {args.max_minutes}')
     if not 0 <= args.decay_minutes <= (args.max_minutes if args.decay_minutes else 0):
@@ -479,18 +549,43 @@ def check_args(args):
     data.check_arguments(args)
     if args.middlebury and not os.path.isdir(args.middlebury):
         raise InputError(f'no such Middlebury folder: {args.middlebury}')
+    if args.middlebury:
+        find_sequences(args.middlebury)  # refused now, not at the first evaluation
     for path in (args.init, args.vgg_weights, args.export and args.export[0],
                  args.resume if args.resume != 'auto' else None):
         if path and not os.path.isfile(path):
             raise InputError(f'no such file: {path}')
     if args.export:
         check_export(*args.export)
-    # a bad file fails now, not after the data is extracted; the state is kept for train()
-    if not args.resume or args.resume == 'auto':
         return None
-    state = read_checkpoint(args.resume)
-    check_resumed_options(state, args, args.resume)
-    return state
+    return check_out(args)
+
+
+def check_out(args):
+    """--out: a folder, holding no run unless it is resumed, none of its files an input. Returns the
+    checkpoint to resume, read (a bad one fails now, not after the data is extracted)."""
+    checkpoint, log = (os.path.join(args.out, name) for name in ('ckpt.pt', 'log.csv'))
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f'--out {args.out} is not a folder')
+    held = [path for path in (checkpoint, log) if os.path.exists(path)]
+    if held and not args.resume:
+        raise InputError(f'--out {args.out} holds a run ({held[0]}): continue it with --resume auto, or give '
+                         'another --out')
+    resume = checkpoint if args.resume == 'auto' else args.resume
+    resumed = read_checkpoint(resume) if resume and os.path.exists(resume) else None
+    if resumed:
+        check_resumed_options(resumed, args, resume)
+    if resumed and resumed['step'] >= args.max_steps:
+        raise InputError(f"{resume} is already at step {resumed['step']}: raise --max-steps "
+                         f'({args.max_steps}) to train on')
+    read_log(log)
+    inputs = [args.init, args.vgg_weights, None if resume == checkpoint else resume]
+    for name in ('ckpt.pt', 'log.csv', 'loss.png', 'middlebury.jsonl'):
+        check_not_an_input(os.path.join(args.out, name), inputs)
+    for source in args.data + args.val_data:
+        if os.path.isdir(source) and is_within(args.out, source):
+            raise InputError(f'--out {args.out} lies in the data folder {source}: its loss.png would become data')
+    return resumed
 
 
 def check_export(checkpoint, target):
@@ -513,7 +608,8 @@ def run(args):
         raise InputError(f'cannot create --out {args.out}: {error.strerror}') from None
     if not os.access(args.out, os.W_OK):
         raise InputError(f'--out {args.out} is not writable')
-    train(args, resumed, vgg)
+    with lock(args.out) if os.environ.get('RANK', '0') == '0' else contextlib.nullcontext():
+        train(args, resumed, vgg)
 
 
 def main(argv=None):

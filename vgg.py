@@ -1,6 +1,4 @@
 """The paper's feature loss Lf: squared distance of VGG-19 relu4_4 features (for fine-tuning an l1 model)."""
-import pickle
-
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +27,10 @@ def load_vgg(path=None):
             state = torch.load(path, map_location='cpu', weights_only=True)
             vgg.load_state_dict({k.removeprefix('features.'): v for k, v in state.items()
                                  if k.startswith('features.') and int(k.split('.')[1]) < len(vgg)})
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, AttributeError, ValueError, IndexError):
+        except Exception:  # any bytes reach the unpickler: a text file gives a KeyError, ...
             raise InputError(f'{path} does not hold torchvision VGG-19 weights (features.N.weight, ...)') from None
+        if not all(torch.isfinite(value).all() for value in vgg.state_dict().values()):
+            raise InputError(f'{path} holds VGG-19 weights that are not finite (NaN or infinity)')
         return vgg
     try:
         import torchvision

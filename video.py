@@ -18,7 +18,7 @@ except ImportError:  # videos then need OpenCV (train.py falls back to it); fram
 import numpy as np
 
 from cli import InputError
-from files import check_writable, temporary_beside
+from files import check_writable, commit, extension, temporary_beside
 from images import IMAGE_EXTENSIONS, frame_paths, image_size, read_image, save_image
 
 OUTPUT_EXTENSIONS = ('.mp4', '.mkv', '.mov')  # written as H.264 (libx264)
@@ -174,7 +174,7 @@ class VideoWriter:
             pass
         if self._process.wait():
             raise self._failure()
-        os.replace(self.temporary, self.path)
+        commit(self.temporary, self.path)
         self._log.close()
 
     def abort(self):
@@ -186,8 +186,8 @@ class VideoWriter:
 
 
 class FrameFolderWriter:
-    """Writes frames as numbered PNGs (000000.png, ...) into a temporary folder beside `path`; close()
-    renames it to `path` (which must not exist or be empty), abort() deletes it."""
+    """Writes frames as numbered PNGs (000000.png, ...) into a temporary folder (files.temporary_beside); close()
+    commits them to the folder `path` (which must not exist or be empty), abort() deletes them."""
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
@@ -198,36 +198,22 @@ class FrameFolderWriter:
         self.count += 1
 
     def close(self):
-        try:
-            os.replace(self.temporary, self.path)  # POSIX renames a folder onto an empty one in one step
-        except OSError as error:
-            raise InputError(f'cannot write output folder {self.path}: {error.strerror} '
-                             '(did another run fill it meanwhile?)') from None
+        commit(self.temporary, self.path)
 
     def abort(self):
         shutil.rmtree(self.temporary, ignore_errors=True)
 
 
 def is_frame_folder(path):
-    return path.endswith(('/', os.sep)) or os.path.isdir(path) or not os.path.splitext(path)[1]
+    """A folder output: a path ending in a separator, an existing folder, or a name without an extension
+    ('.mp4' is a hidden video file, not a folder)."""
+    return path.endswith(('/', os.sep)) or os.path.isdir(path) or not extension(path)
 
 
 def check_video_output(path, source):
     """Validate `path` as an output video or frame folder for `source`, creating its parent folder."""
-    if os.path.abspath(path) == os.path.abspath(source) or (os.path.exists(path) and os.path.samefile(path, source)):
-        raise InputError(f'output {path} would overwrite the input')
-    if not is_frame_folder(path):
-        if not path.lower().endswith(OUTPUT_EXTENSIONS):
-            raise InputError(f"unsupported output video type '{path}' (use one of {', '.join(OUTPUT_EXTENSIONS)}, "
-                             'or a folder for PNG frames, e.g. out_frames/)')
-        check_writable(path)
-        return
-    folder = os.path.abspath(path)
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise InputError(f'output {path} exists and is not a folder')
-    if not os.path.isdir(folder):
-        check_writable(folder)
-    elif os.listdir(folder):
-        raise InputError(f'output folder is not empty: {path}')
-    elif not os.access(folder, os.W_OK):
-        raise InputError(f'output folder is not writable: {path}')
+    folder = is_frame_folder(path)
+    if not folder and not path.lower().endswith(OUTPUT_EXTENSIONS):
+        raise InputError(f"unsupported output video type '{path}' (use one of {', '.join(OUTPUT_EXTENSIONS)}, "
+                         'or a folder for PNG frames, e.g. out_frames/)')
+    check_writable(path, [source], folder=folder)

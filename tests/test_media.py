@@ -273,7 +273,7 @@ def test_frame_folder_writer(tmp_path):
     assert os.listdir(tmp_path) == ['frames']
     writer = FrameFolderWriter(str(tmp_path / 'frames'))  # a second run into the folder the first one filled
     writer.write(moving_square(1)[0])
-    with pytest.raises(InputError, match=r'cannot write output folder .*frames: Directory not empty'):
+    with pytest.raises(InputError, match=r'output folder is not empty: .*frames'):
         writer.close()
     writer.abort()
     assert os.listdir(tmp_path) == ['frames'] and len(os.listdir(tmp_path / 'frames')) == 3

@@ -280,7 +280,7 @@ BAD_INPUTS = {
     'corrupt mp4': (video('corrupt.mp4'), 'cannot read video in/corrupt.mp4: Invalid data found'),
     'one frame': (video('one.mp4'), 'in/one.mp4 has only one frame; interpolation needs at least two'),
     'audio only': (video('tone.m4a'), 'cannot read video in/tone.m4a: it has no video stream'),
-    'output is the input': (video('clip.mp4', 'in/clip.mp4'), 'output in/clip.mp4 would overwrite the input'),
+    'output is the input': (video('clip.mp4', 'in/clip.mp4'), 'output in/clip.mp4 would overwrite an input'),
     'output is a pair input': (pair('a.png', 'b.png', 'in/b.png'), 'output in/b.png would overwrite an input'),
     'output links to an input': (pair('a.png', 'b.png', 'in/link.png'),
                                  'output in/link.png would overwrite an input: in/a.png'),
@@ -380,7 +380,7 @@ def test_unwritable_output_folder(bad, random_weights, capsys, monkeypatch):
     monkeypatch.chdir(bad)
     (bad / 'locked').mkdir(mode=0o500)
     code, err = call(video('clip.mp4', 'locked/out.mp4') + ['--weights', random_weights], capsys)
-    assert (code, err.strip()) == (2, f'error: output folder is not writable: {bad / "locked"}')
+    assert (code, err.strip()) == (2, f'error: output folder is not writable: {bad / "locked"} (Permission denied)')
 
 
 def test_an_existing_empty_output_folder_is_filled(bad, random_weights, capsys, monkeypatch):

@@ -112,7 +112,8 @@ BAD_ARGUMENTS = {
     'negative checkpoint interval': (['--ckpt-every', '-5'], '--ckpt-every must be at least 1, got -5'),
     'crop not a multiple of 32': (['--crop', '100'], '--crop must be a multiple of 32'),
     'crop larger than the patch': (['--crop', '64'], 'at most --patch 40, got 64'),
-    'nan learning rate': (['--lr', 'nan'], '--lr must be a positive number, got nan'),
+    'nan learning rate': (['--lr', 'nan'], '--lr must be in (0, 1], got nan'),
+    'learning rate above 1': (['--lr', '1e38'], '--lr must be in (0, 1], got 1e+38'),
     'missing init': (['--init', 'none.safetensors'], 'no such file: none.safetensors'),
     'missing resume': (['--resume', 'none.pt'], 'no such file: none.pt'),
     'missing export': (['--export', 'none.pt', 'w.safetensors'], 'no such file: none.pt'),
@@ -177,8 +178,8 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole(tmp_path,
     path = str(tmp_path / 'ckpt.pt')
     train.save_checkpoint(path, network, optimizer, 7, args)
 
-    def full_disk(state, target):
-        open(target, 'wb').write(b'half a checkpoint')
+    def full_disk(state, file):
+        file.write(b'half a checkpoint')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     with pytest.raises(train.InputError, match='No space left on device'):
