@@ -40,6 +40,11 @@ def resolve(path):
     raise InputError(f'cannot write {path}: {os.strerror(errno.ELOOP)}')
 
 
+def ffmpeg_path(path):
+    """`path` as ffmpeg must be told it: a name such as 'http:/clip.mp4' or '-x.mp4' is a file too."""
+    return 'file:' + os.path.abspath(path)
+
+
 KINDS = ((stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'), (stat.S_ISFIFO, 'a FIFO'),
          (stat.S_ISSOCK, 'a socket'), (stat.S_ISDIR, 'a folder'))
 
@@ -70,6 +75,8 @@ def check_folder(folder):
     """Create `folder` and make sure a file can be created in it: by creating one (root, read-only file
     systems and access lists all answer truly)."""
     try:
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise InputError(f'cannot create output folder {folder}: {error.strerror}') from None

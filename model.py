@@ -159,6 +159,8 @@ def load_state_dict(path):
     sepconv-slomo `.pytorch` state dict (keys 'moduleX'; no options)."""
     if os.path.isdir(path):
         raise InputError(f'weights {path} is a folder, not a weights file')
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise InputError(f'weights {path} is not a regular file')
     if not os.path.isfile(path):
         raise InputError(f'weights file not found: {path} (train one with train.py, or pass --weights '
                          'PATH to a network-l1.pytorch / network-lf.pytorch from sepconv-slomo)')

@@ -266,9 +266,11 @@ def load_checkpoint(state, network, optimizer, into_a_copy=False):
     optimizer = optimizer or torch.optim.Adamax(parameter_groups(network))
     optimizer.load_state_dict(state['optimizer'])
     for parameter in network.parameters():
-        moments = optimizer.state.get(parameter, {})
-        if any(value.shape != parameter.shape for key, value in moments.items() if key != 'step'):
-            raise ValueError("the optimizer's state does not fit the network")
+        for key, value in optimizer.state.get(parameter, {}).items():
+            if key != 'step' and value.shape != parameter.shape:
+                raise ValueError("the optimizer's state does not fit the network")
+            if not torch.isfinite(value).all():
+                raise ValueError(f"the optimizer's {key} is not finite")
     rng = state['rng']
     if into_a_copy:
         torch.Generator().set_state(rng['torch'])

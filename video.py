@@ -18,7 +18,7 @@ except ImportError:  # videos then need OpenCV (train.py falls back to it); fram
 import numpy as np
 
 from cli import InputError
-from files import check_writable, commit, extension, temporary_beside
+from files import check_writable, commit, extension, ffmpeg_path, temporary_beside
 from images import IMAGE_EXTENSIONS, frame_paths, image_size, read_image, save_image
 
 OUTPUT_EXTENSIONS = ('.mp4', '.mkv', '.mov')  # written as H.264 (libx264)
@@ -29,8 +29,8 @@ FPS_RANGE = (1, 1000)  # an --fps outside it is a typo more likely than a wish
 
 def _ffmpeg_reason(text):
     """The telling line of an ffmpeg failure log, without its '[component @ address]' prefixes."""
-    if ' Video: ' not in text and ' Audio: ' in text:
-        return 'it has no video stream (audio only)'
+    if ' Video: ' not in text and 'Input #' in text:  # a header read whole, without a picture
+        return f"it has no video stream ({'audio only' if ' Audio: ' in text else 'no frames'})"
     lines = [re.sub(r'^(\[[^]]*\] *)+', '', line).strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith('===')]
     for marker in ('Error opening input: ', 'Decoding error: '):
@@ -55,7 +55,7 @@ def check_fps(fps):
 
 def _probe(path):
     """imageio-ffmpeg's reading of the header; its warning about rotated videos' frame size is not for users."""
-    reader = imageio_ffmpeg.read_frames(path)
+    reader = imageio_ffmpeg.read_frames(ffmpeg_path(path))
     logger = logging.getLogger('imageio_ffmpeg')
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -111,7 +111,7 @@ class FrameSource:
         dropped where its rate varies, so duration and audio stay in sync); any decoding error (-xerror: a
         truncated or corrupt file) fails the read instead of being concealed."""
         rate = ['-vf', f'fps={self.fps}'] if self.fps else []
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), '-loglevel', 'error', '-xerror', '-i', self.path,
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), '-loglevel', 'error', '-xerror', '-i', ffmpeg_path(self.path),
                    '-an', '-sn', '-dn', *rate, '-f', 'rawvideo', '-pix_fmt', 'rgb24', 'pipe:']
         size = self.width * self.height * 3
         with tempfile.TemporaryFile() as log:
@@ -142,7 +142,7 @@ class VideoWriter:
         command = [imageio_ffmpeg.get_ffmpeg_exe(), '-y', '-loglevel', 'error', '-f', 'rawvideo',
                    '-pix_fmt', 'rgb24', '-s', f'{width}x{height}', '-framerate', str(Fraction(fps)), '-i', 'pipe:']
         if audio_from:
-            command += ['-i', audio_from, '-map', '0:v', '-map', '1:a:0',
+            command += ['-i', ffmpeg_path(audio_from), '-map', '0:v', '-map', '1:a:0',
                         '-c:a', 'copy' if audio_codec in ('aac', 'mp3') else 'aac']
         command += ['-c:v', 'libx264', '-crf', '17', '-pix_fmt', pixel_format, '-vf',
                     'scale=out_color_matrix=bt709:out_range=tv,'

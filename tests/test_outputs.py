@@ -3,6 +3,7 @@ input or a file that is not a regular one; the Middlebury folder read whole; rep
 import json
 import os
 import stat
+import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +17,7 @@ import media
 import train
 from model import Network
 from test_benchmark import FAKE, assert_one_error_line, fake_data, fake_scores
-from test_run import blend, call, make_clip, save_frames
+from test_run import FFMPEG, blend, call, make_clip, save_frames
 from conftest import moving_square
 from video import FrameSource
 
@@ -169,3 +170,74 @@ def test_an_unreadable_sequence_folder_is_an_error(tmp_path, capsys, monkeypatch
     monkeypatch.undo()
     assert benchmark.main(['--data', str(data), '--model', 'blend']) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f'mean PSNR {fake_scores()[0]:.2f}')
+
+
+def test_a_video_without_frames_says_so(tmp_path, capsys):
+    subprocess.run([FFMPEG, '-v', 'error', '-f', 'lavfi', '-i', 'color=s=64x48:r=10', '-frames:v', '0',
+                    '-c:v', 'libx264', str(tmp_path / 'zero.mp4')], check=True)
+    code, err = call(['--video', tmp_path / 'zero.mp4', '--out', tmp_path / 'o.mp4'], capsys)
+    assert (code, err) == (2, f'error: cannot read video {tmp_path}/zero.mp4: it has no video stream (no frames)\n')
+
+
+@pytest.mark.parametrize('name', ['a:b.json', '-r.json', os.fsdecode(b'\xff\xfe.json'), 'http:', ' s .json'])
+def test_any_name_a_file_can_have_is_that_file(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    data = str(fake_data(tmp_path / 'data'))
+    assert benchmark.main(['--data', data, '--model', 'blend', f'--json={name}']) == 0
+    assert json.loads((tmp_path / name).read_text())['model'] == 'blend'
+
+
+def test_a_url_like_video_name_is_a_file(tmp_path, random_weights, capsys, blended, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'http:').mkdir()
+    make_clip(tmp_path / 'http:' / 'clip.mp4', count=3, audio=True)
+    code, err = call(['--video', 'http:/clip.mp4', '--out', 'http:/out.mp4', '--weights', random_weights], capsys)
+    assert code == 0, err
+    assert FrameSource('http:/out.mp4').audio == 'aac' and FrameSource('http:/out.mp4').count == 6
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda p: (os.symlink('loop1', p / 'loop2'), os.symlink('loop2', p / 'loop1')), 'Too many levels of symbolic links'),
+    (lambda p: (p / 'loop1').mkdir(), 'output path is a directory'),
+    (lambda p: (p / 'file').write_text(''), 'cannot create output folder'),
+])
+def test_an_output_that_cannot_be_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, make, message):
+    data = str(fake_data(tmp_path / 'data'))
+    make(tmp_path)
+    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    target = tmp_path / ('file/r.json' if message.startswith('cannot create') else 'loop1')
+    assert benchmark.main(['--data', data, '--model', 'blend', '--json', str(target)]) == 2
+    assert_one_error_line(capsys, message)
+
+
+def test_weights_that_are_not_a_regular_file(tmp_path, frames, capsys):
+    os.mkfifo(tmp_path / 'w.fifo')
+    code, err = call(['--one', f'{frames}/f0.png', '--two', f'{frames}/f1.png', '--out', tmp_path / 'o.png',
+                      '--weights', tmp_path / 'w.fifo'], capsys)
+    assert (code, err) == (2, f'error: weights {tmp_path}/w.fifo is not a regular file\n')
+
+
+def test_an_export_goes_through_a_link_but_never_onto_its_checkpoint(tmp_path, capsys):
+    network = Network()
+    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), network, optimizer, 1, train.parse_args(['--out', str(tmp_path)]))
+    os.symlink('real.safetensors', tmp_path / 'w.safetensors')
+    os.symlink('ckpt.pt', tmp_path / 'c.safetensors')
+    assert train.main(['--export', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'w.safetensors')]) == 0
+    assert os.path.islink(tmp_path / 'w.safetensors') and (tmp_path / 'real.safetensors').stat().st_size > 40e6
+    capsys.readouterr()
+    assert train.main(['--export', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'c.safetensors')]) == 2
+    assert 'would overwrite an input' in capsys.readouterr().err
+    assert train.read_checkpoint(str(tmp_path / 'ckpt.pt'))['step'] == 1
+
+
+def test_a_checkpoint_whose_optimizer_state_is_not_finite_is_not_resumed(tmp_path, capsys):
+    network = Network()
+    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    sum(p.sum() for p in network.parameters()).backward()
+    optimizer.step()
+    next(iter(optimizer.state.values()))['exp_avg'][0] = np.nan
+    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), network, optimizer, 1, train.parse_args(['--out', str(tmp_path)]))
+    with pytest.raises(train.InputError, match="cannot be resumed: ValueError: the optimizer's exp_avg is not finite"):
+        train.read_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert train.read_checkpoint(str(tmp_path / 'ckpt.pt'), resume=False)['step'] == 1  # its weights still export
