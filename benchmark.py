@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import cli
 from cli import ArgumentParser, InputError, path_argument
-from files import check_not_an_input, check_writable, write_file, write_json
+from files import check_link, check_not_an_input, check_writable, listing, write_file, write_json
 from images import image_size, read_image
 from model import MODELS, PADDINGS, PRECISIONS, estimate, keep_freed_memory, load_network, weights_path
 
@@ -63,19 +63,6 @@ def download_middlebury(target=CACHE_DIR, url=MIDDLEBURY_URL):
     return target
 
 
-def _listing(folder, what):
-    """The names in `folder`, hidden ones skipped; a folder that cannot be read is an error, not an empty one."""
-    try:
-        return sorted(name for name in os.listdir(folder) if not name.startswith('.'))
-    except OSError as error:
-        raise InputError(f'cannot read {what} {folder}: {error.strerror}') from None
-
-
-def _check_link(path):
-    if os.path.islink(path) and not os.path.exists(path):
-        raise InputError(f'{path} is a dangling link (to {os.readlink(path)})')
-
-
 def find_sequences(data):
     """(name, frame10, frame11, frame10i11) for every sequence folder in `data`. A sequence with a file missing,
     unreadable or a dangling link, or frames of different sizes, is an error: a mean over fewer sequences would
@@ -83,15 +70,15 @@ def find_sequences(data):
     if not os.path.isdir(data):
         raise InputError(f'not a folder: {data}' if os.path.exists(data) else f'no such folder: {data}')
     sequences = []
-    for name in _listing(data, 'Middlebury folder'):
+    for name in listing(data, 'Middlebury folder'):
         folder = os.path.join(data, name)
-        _check_link(folder)
+        check_link(folder)
         if not os.path.isdir(folder):
             continue
-        _listing(folder, 'Middlebury sequence folder')
+        listing(folder, 'Middlebury sequence folder')
         files = [os.path.join(folder, frame) for frame in FRAMES]
         for path in files:
-            _check_link(path)
+            check_link(path)
         missing = [frame for frame, path in zip(FRAMES, files) if not os.path.isfile(path)]
         if missing == list(FRAMES):
             continue
@@ -176,7 +163,8 @@ def parse_args(argv=None):
                         help='bundled weights, or blend: 0.5 one + 0.5 two')
     parser.add_argument('--weights', help='weights file instead of the bundled ones')
     parser.add_argument('--padding', default='paper', choices=PADDINGS, help='frame padding, see run.py --help')
-    parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}', help='where the network runs')
+    parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}',
+                        help='where the network runs')
     parser.add_argument('--precision', default='fp32', choices=PRECISIONS, help='network precision')
     parser.add_argument('--json', help='also write the results to this JSON file')
     return parser.parse_args(argv)

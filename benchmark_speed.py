@@ -286,7 +286,8 @@ def headline(rows):
 def parse_args(argv=None):
     parser = ArgumentParser(prog='benchmark.py --speed', formatter_class=cli.HelpFormatter,
                             description='Time SepConv (randomly initialised network unless --weights is given).')
-    parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}', help='where to time')
+    parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}',
+                        help='where to time')
     parser.add_argument('--sizes', help='comma-separated WIDTHxHEIGHT '
                         f"(default {SPEED_SIZES['cpu']} on cpu, {SPEED_SIZES['cuda']} on cuda)")
     parser.add_argument('--precisions', default='auto', help='comma-separated network precisions to time, of '

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import video
 from cli import InputError, output, side_channel
-from files import check_folder, write_stream
+from files import check_folder, check_link, listing, write_stream
 from images import IMAGE_EXTENSIONS, frame_paths
 from media import SCENE_CUT_THRESHOLD, scene_cut
 from video import VIDEO_EXTENSIONS
@@ -93,10 +93,15 @@ def find_sources(paths):
     """Video files and frame folders under `paths`."""
     sources = []
     for path in paths:
+        check_link(path)
         if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTENSIONS):
             sources.append(path)
         elif os.path.isdir(path):
-            entries = sorted(os.path.join(path, name) for name in os.listdir(path))
+            entries = [os.path.join(path, name) for name in listing(path, 'data folder')]
+            for entry in entries:
+                check_link(entry)
+                if os.path.isdir(entry):
+                    listing(entry, 'data folder')
             if any(entry.lower().endswith(IMAGE_EXTENSIONS) for entry in entries):
                 sources.append(path)
             sources += [entry for entry in entries if os.path.isdir(entry) or entry.lower().endswith(VIDEO_EXTENSIONS)]
@@ -418,5 +423,6 @@ def load_data(args, is_main, flows=False):
         cached = np.concatenate(motions)
         output(f'{len(train)} training patches from {len(sources)} sources ({motion_table(cached)}); '
                f'drawn as {motion_table(cached, weights)}; '
-               f'{len(val)} validation patches from {len(held_out)} sources ({motion_table(val_motions)})', result=False)
+               f'{len(val)} validation patches from {len(held_out)} sources ({motion_table(val_motions)})',
+               result=False)
     return train, val, val_motions

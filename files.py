@@ -40,6 +40,21 @@ def resolve(path):
     raise InputError(f'cannot write {path}: {os.strerror(errno.ELOOP)}')
 
 
+def listing(folder, what):
+    """The names in `folder`, hidden ones skipped, sorted; a folder that cannot be read is an error, not an
+    empty one."""
+    try:
+        return sorted(name for name in os.listdir(folder) if not name.startswith('.'))
+    except OSError as error:
+        raise InputError(f'cannot read {what} {folder}: {error.strerror}') from None
+
+
+def check_link(path):
+    """Refuse a dangling symlink, which a test for a file or a folder would take for nothing at all."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f'{path} is a dangling link (to {os.readlink(path)})')
+
+
 def ffmpeg_path(path):
     """`path` as ffmpeg must be told it: a name such as 'http:/clip.mp4' or '-x.mp4' is a file too."""
     return 'file:' + os.path.abspath(path)
@@ -185,7 +200,7 @@ def remove_stale(folder, name):
         match = pattern.match(entry)
         path = os.path.join(folder, entry)
         if match and _stale(path, int(match[1])):
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _remove(path)
+            discard(path)
 
 
 def _remove(path):
@@ -196,10 +211,10 @@ def _remove(path):
 
 
 def temporary_beside(path, folder=False):
-    """A hidden temporary file (same extension, which picks the format) or folder for the target `path` leads
-    to, to be renamed onto it by `commit`, with the mode a new file or folder would get (mkstemp and mkdtemp
-    make them private). It lies beside the target, or inside it for a folder that exists (an empty mount point
-    included), on the target's file system. Its name is short, so that any name legal for `path` works."""
+    """A hidden temporary file (with the extension of `path`, which picks the format) or folder for the target
+    `path` leads to, to be put there by `commit`, with the mode a new file or folder would get (mkstemp and
+    mkdtemp make them private). It lies beside the target, or inside it for a folder that exists (an empty mount
+    point included), on the target's file system. Its name is short, so that any name legal for `path` works."""
     target = resolve(path)[0]
     parent, name = os.path.split(target)
     if folder and os.path.isdir(target):
@@ -210,7 +225,7 @@ def temporary_beside(path, folder=False):
         temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
         os.chmod(temporary, 0o777 & ~_umask())
         return temporary
-    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=extension(name)[:MAX_EXTENSION], dir=parent)
+    handle, temporary = tempfile.mkstemp(prefix=prefix, suffix=extension(path)[:MAX_EXTENSION], dir=parent)
     os.close(handle)
     os.chmod(temporary, 0o666 & ~_umask())
     return temporary

@@ -73,7 +73,8 @@ def parse_args(argv=None):
                                           'original sepconv-slomo .pytorch state dict)')
     common.add_argument('--padding', default='paper', choices=PADDINGS,
                         help="paper: 25 px border as published; improved: the original repository's later variant")
-    common.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}', help='where the network runs')
+    common.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}',
+                        help='where the network runs')
     return parser.parse_args(argv)
 
 

@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time

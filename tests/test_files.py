@@ -61,7 +61,8 @@ def test_a_symlink_is_written_through_to_its_target(tmp_path):
     os.symlink('made/by-link.json', tmp_path / 'dangling.json')
     write_json(str(tmp_path / 'link.json'), {'a': 1})
     write_json(str(tmp_path / 'dangling.json'), {'b': 2})
-    assert os.readlink(tmp_path / 'link.json') == 'real.json' and json.loads((tmp_path / 'real.json').read_text()) == {'a': 1}
+    assert os.readlink(tmp_path / 'link.json') == 'real.json'
+    assert json.loads((tmp_path / 'real.json').read_text()) == {'a': 1}
     assert os.readlink(tmp_path / 'dangling.json') == 'made/by-link.json'
     assert json.loads((tmp_path / 'made' / 'by-link.json').read_text()) == {'b': 2}
     assert sorted(os.listdir(tmp_path)) == ['dangling.json', 'link.json', 'made', 'real.json']

@@ -37,7 +37,8 @@ def test_json_through_a_link_and_never_over_a_fifo_or_a_descriptor(tmp_path, cap
     (tmp_path / 'real.json').write_text('old')
     os.symlink('real.json', tmp_path / 'link.json')
     assert benchmark.main(['--data', data, '--model', 'blend', '--json', str(tmp_path / 'link.json')]) == 0
-    assert os.path.islink(tmp_path / 'link.json') and json.loads((tmp_path / 'real.json').read_text())['model'] == 'blend'
+    assert os.path.islink(tmp_path / 'link.json')
+    assert json.loads((tmp_path / 'real.json').read_text())['model'] == 'blend'
     capsys.readouterr()
     os.mkfifo(tmp_path / 'fifo')
     monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
@@ -197,7 +198,8 @@ def test_a_url_like_video_name_is_a_file(tmp_path, random_weights, capsys, blend
 
 
 @pytest.mark.parametrize('make, message', [
-    (lambda p: (os.symlink('loop1', p / 'loop2'), os.symlink('loop2', p / 'loop1')), 'Too many levels of symbolic links'),
+    (lambda p: (os.symlink('loop1', p / 'loop2'), os.symlink('loop2', p / 'loop1')),
+     'Too many levels of symbolic links'),
     (lambda p: (p / 'loop1').mkdir(), 'output path is a directory'),
     (lambda p: (p / 'file').write_text(''), 'cannot create output folder'),
 ])

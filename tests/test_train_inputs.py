@@ -216,7 +216,8 @@ def test_frames_smaller_than_the_patch_are_named(tmp_path, capsys):
     folder = tmp_path / 'small'
     folder.mkdir()
     for index in range(5):
-        Image.fromarray(np.random.default_rng(index).integers(0, 256, (24, 30, 3), np.uint8)).save(folder / f'{index}.png')
+        frame = np.random.default_rng(index).integers(0, 256, (24, 30, 3), np.uint8)
+        Image.fromarray(frame).save(folder / f'{index}.png')
     code, err = call(['--data', folder, '--out', tmp_path / 'run', '--cache', tmp_path / 'cache', '--patch', '40',
                       '--crop', '32'], capsys)
     assert code == 2
