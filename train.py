@@ -288,9 +288,9 @@ def export(checkpoint, target):
     import safetensors.torch
     state = read_checkpoint(checkpoint, resume=False)
     weights = {k: v.half().contiguous() for k, v in state['model'].items()}
-    check_weights(weights, checkpoint)  # fp16 overflows to infinity above 65504
-    metadata = {'step': str(state['step']), 'loss': state['config']['loss'],
-                **options_metadata(network_options(state['config']))}
+    options = network_options(state['config'])
+    check_weights(weights, checkpoint, Network(**dict.fromkeys(options, True)))  # fp16 ends at 65504
+    metadata = {'step': str(state['step']), 'loss': state['config']['loss'], **options_metadata(options)}
     write_stream(target, lambda file: file.write(safetensors.torch.save(weights, metadata=metadata)))
     cli.output(f"wrote {target} (step {state['step']}, {len(weights)} tensors, fp16)", result=False)
 
