@@ -363,8 +363,11 @@ def test_speed_options_stay_close_to_fp32(random_network):
     one, two = torch.rand(1, 3, 40, 56), torch.rand(1, 3, 40, 56)
     reference = estimate(random_network, one, two)
     assert torch.equal(estimate(random_network, one, two, precision='fp32'), reference)
+    computed = []  # in bf16, whether or not its frame differs from fp32's on this CPU
+    hook = random_network.netConv1[0].register_forward_hook(lambda module, inputs, output: computed.append(output.dtype))
     bf16 = estimate(random_network, one, two, precision='bf16')
-    assert bf16.dtype == torch.float32 and 0 < (bf16 - reference).abs().max() < 2e-3
+    hook.remove()
+    assert computed == [torch.bfloat16] and bf16.dtype == torch.float32 and (bf16 - reference).abs().max() < 2e-3
     cudnn_benchmark = torch.backends.cudnn.benchmark
     assert (estimate(random_network, one, two, channels_last=True) - reference).abs().max() < 1e-5
     assert not random_network.netConv1[0].weight.is_contiguous(memory_format=torch.channels_last)  # left as it was
