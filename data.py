@@ -411,7 +411,8 @@ def load_data(args, is_main, flows=False):
     if sum(map(len, motions)) == 0:
         smallest = min((frame_size(source) for source in sources), key=min)
         hint = (f': the frames ({smallest[0]}x{smallest[1]}) are smaller than --patch {args.patch}'
-                if min(smallest) < args.patch else ' (too little motion? lower --motion-scale, or raise --static-keep)')
+                if min(smallest) < args.patch else f': --strides {max(args.strides)} needs '
+                f'{2 * max(args.strides) + 1} frames in one scene')
         raise InputError(f'no patches found in the training data{hint}')
     weights = sampling_weights(motions, args)
     train = Triplets([loaded[s][0] for s in sources], args.crop, args.seed, weights=weights,

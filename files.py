@@ -1,11 +1,13 @@
-"""Outputs written whole or not at all, where the operating system says the path leads.
+"""Paths as the operating system resolves them, and outputs written whole or not at all.
 
-A path is resolved as the OS resolves it: a symlink, dangling or not, leads to its target, which is what gets
-written. check_writable decides before any work whether a path can be written; the writers decide again with
-the same function at the end: a temporary file or folder beside the target, renamed onto it once complete (a
-kill, a full disk or an error leaves the target as it was). A target that is not a regular file (a device, a
-FIFO, a process's descriptor such as /dev/stdout) is never replaced, and no output is ever one of the inputs.
-Temporaries carry their writer's process id: those of a dead writer are removed when the target is written next."""
+A symlink, dangling or not, leads to its target: that is what is read or written. Folders are read whole (one
+that cannot be listed, or a dangling link, is an error), and ffmpeg is told every path as a file. check_writable
+decides before any work whether an output can be written; commit decides again with the same function at the
+end, and is the one place that renames a complete temporary (beside the target, on its file system) onto it:
+a kill, a full disk or an error leaves the target as it was. A target that is not a regular file (a device, a
+FIFO, a descriptor of the process such as /dev/stdout) is never replaced, and no output is ever one of the
+inputs. Temporaries carry their writer's process id: those of a dead writer are removed when the target is
+written next."""
 import contextlib
 import errno
 import fcntl
@@ -259,7 +261,10 @@ def commit(temporary, path):
 
 def discard(temporary):
     """Remove a temporary file or folder, whatever is left of it."""
-    shutil.rmtree(temporary, ignore_errors=True) if os.path.isdir(temporary) else _remove(temporary)
+    if os.path.isdir(temporary):
+        shutil.rmtree(temporary, ignore_errors=True)
+    else:
+        _remove(temporary)
 
 
 def write_file(path, save):

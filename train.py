@@ -580,9 +580,8 @@ def check_out(args):
         raise InputError(f"{resume} is already at step {resumed['step']}: raise --max-steps "
                          f'({args.max_steps}) to train on')
     read_log(log)
-    inputs = [args.init, args.vgg_weights, None if resume == checkpoint else resume]
-    for name in ('ckpt.pt', 'log.csv', 'loss.png', 'middlebury.jsonl'):
-        check_not_an_input(os.path.join(args.out, name), inputs)
+    for name in ('ckpt.pt', 'log.csv', 'loss.png', 'middlebury.jsonl'):  # --resume OUT/ckpt.pt is replaced
+        check_not_an_input(os.path.join(args.out, name), [args.init, args.vgg_weights])
     for source in args.data + args.val_data:
         if os.path.isdir(source) and is_within(args.out, source):
             raise InputError(f'--out {args.out} lies in the data folder {source}: its loss.png would become data')

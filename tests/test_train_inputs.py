@@ -50,7 +50,7 @@ def changed(checkpoint, tmp_path, change):
     return path
 
 
-@pytest.mark.slow(10)
+@pytest.mark.slow(13)
 def test_an_out_holding_a_run_is_refused_unless_resumed_and_locked_while_used(frames_dir, tmp_path, capsys):
     out = tmp_path / 'run'
     assert train.main(run_args(frames_dir, tmp_path, out, 2)) == 0
@@ -66,6 +66,8 @@ def test_an_out_holding_a_run_is_refused_unless_resumed_and_locked_while_used(fr
     assert code == 2
     one_error(err, f'{out} is in use by another run')
     assert {name: (out / name).read_bytes() for name in before} == before
+    assert train.main(run_args(frames_dir, tmp_path, out, 3, '--resume', f'{out}/./ckpt.pt')) == 0  # by any name
+    assert train.read_checkpoint(str(out / 'ckpt.pt'))['step'] == 3
 
 
 @pytest.mark.slow(8)
@@ -198,14 +200,15 @@ def test_frame_folders_are_cached_by_content(tmp_path):
     assert data.fingerprint(str(folder)) != key
 
 
-@pytest.mark.parametrize('frames, message', [
+@pytest.mark.parametrize('sizes, message', [
     ([], 'no Middlebury sequences'),
-    (['frame10.png'], 'incomplete Middlebury sequence Seq'),
+    ([8], 'incomplete Middlebury sequence Seq'),
+    ([8, 8, 9], 'Middlebury sequence Seq mixes frame sizes'),
 ])
-def test_a_bad_middlebury_folder_is_refused_before_training(tmp_path, frames_dir, capsys, monkeypatch, frames, message):
+def test_a_bad_middlebury_folder_is_refused_before_training(tmp_path, frames_dir, capsys, monkeypatch, sizes, message):
     (tmp_path / 'mb' / 'Seq').mkdir(parents=True)
-    for name in frames:
-        Image.new('RGB', (8, 8)).save(tmp_path / 'mb' / 'Seq' / name)
+    for name, size in zip(benchmark.FRAMES, sizes):
+        Image.new('RGB', (size, size)).save(tmp_path / 'mb' / 'Seq' / name)
     monkeypatch.setattr(train, 'load_data', None)  # must not be reached
     code, err = call(run_args(frames_dir, tmp_path, tmp_path / 'run', 1, '--middlebury', tmp_path / 'mb'), capsys)
     assert code == 2
