@@ -50,24 +50,26 @@ def changed(checkpoint, tmp_path, change):
     return path
 
 
-@pytest.mark.slow(13)
-def test_an_out_holding_a_run_is_refused_unless_resumed_and_locked_while_used(frames_dir, tmp_path, capsys):
+def test_an_out_holding_a_run_is_refused_unless_resumed_and_locked_while_used(frames_dir, tmp_path, capsys,
+                                                                              checkpoint):
     out = tmp_path / 'run'
-    assert train.main(run_args(frames_dir, tmp_path, out, 2)) == 0
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(open(checkpoint, 'rb').read())  # at step 3
+    (out / 'log.csv').write_text('step,loss\n1,0.5\n2,0.4\n3,0.3\n')
     before = {name: (out / name).read_bytes() for name in ('ckpt.pt', 'log.csv')}
-    code, err = call(run_args(frames_dir, tmp_path, out, 1), capsys)
+    code, err = call(run_args(frames_dir, tmp_path, out, 4), capsys)
     assert code == 2
     one_error(err, f'--out {out} holds a run ({out / "ckpt.pt"}): continue it with --resume auto')
-    code, err = call(run_args(frames_dir, tmp_path, out, 2, '--resume', 'auto'), capsys)
+    code, err = call(run_args(frames_dir, tmp_path, out, 3, '--resume', 'auto'), capsys)
     assert code == 2
-    one_error(err, f'{out / "ckpt.pt"} is already at step 2: raise --max-steps (2) to train on')
+    one_error(err, f'{out / "ckpt.pt"} is already at step 3: raise --max-steps (3) to train on')
     with files.lock(str(out)):  # another run uses it
-        code, err = call(run_args(frames_dir, tmp_path, out, 3, '--resume', 'auto'), capsys)
+        code, err = call(run_args(frames_dir, tmp_path, out, 4, '--resume', 'auto'), capsys)
     assert code == 2
     one_error(err, f'{out} is in use by another run')
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert train.main(run_args(frames_dir, tmp_path, out, 3, '--resume', f'{out}/./ckpt.pt')) == 0  # by any name
-    assert train.read_checkpoint(str(out / 'ckpt.pt'))['step'] == 3
+    by_any_name = train.parse_args(run_args(frames_dir, tmp_path, out, 4, '--resume', f'{out}/./ckpt.pt'))
+    assert train.check_args(by_any_name)['step'] == 3  # the run continued, not an input overwritten
 
 
 @pytest.mark.slow(8)
@@ -161,6 +163,17 @@ def test_an_older_checkpoint_still_exports_loadable_weights(tmp_path, capsys, ch
     code, err = call(['--export', path, tmp_path / 'x.safetensors'], capsys)
     assert code == 2 and not (tmp_path / 'x.safetensors').exists()
     one_error(err, 'does not hold SepConv weights')
+
+
+def test_a_checkpoint_whose_optimizer_state_is_not_finite_is_not_resumed(tmp_path, checkpoint):
+    def moments(state):
+        weight = state['model']['netConv1.0.weight']
+        state['optimizer']['state'][0] = {'step': torch.tensor(1.0), 'exp_avg': torch.full_like(weight, math.nan),
+                                          'exp_inf': torch.zeros_like(weight)}
+    path = changed(checkpoint, tmp_path, moments)
+    with pytest.raises(train.InputError, match="cannot be resumed: ValueError: the optimizer's exp_avg is not finite"):
+        train.read_checkpoint(str(path))
+    assert train.read_checkpoint(str(path), resume=False)['step'] == 3  # its weights still export
 
 
 @pytest.mark.parametrize('content', [b'step,loss\nabc,0.5\n', b'\x00\xff\xfe\x00binary', b'loss\n0.5\n'])
