@@ -89,8 +89,9 @@ def check_not_an_input(output, inputs):
 
 
 def check_folder(folder):
-    """Create `folder` and make sure a file can be created in it: by creating one (root, read-only file
-    systems and access lists all answer truly)."""
+    """Create `folder` (through a dangling link, its target) and make sure a file can be created in it: by
+    creating one (root, read-only file systems and access lists all answer truly)."""
+    folder = resolve(folder)[0]
     try:
         if os.path.lexists(folder) and not os.path.isdir(folder):
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
@@ -110,6 +111,8 @@ def check_writable(path, inputs=(), folder=False):
     refused when it is one of `inputs`, not a regular file (or with `folder`, not an empty folder), its name
     too long, or its folder cannot be created or written. Returns the target the path leads to."""
     target, descriptor = resolve(path)
+    if not folder and path.endswith(('/', os.sep)):
+        raise InputError(f'output path is a directory: {path}')
     if descriptor:
         raise InputError(f'output {path} is a descriptor of this process, not a file: give a file name')
     check_not_an_input(path, inputs)

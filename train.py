@@ -22,7 +22,8 @@ from tqdm import tqdm
 import cli
 from benchmark import evaluate, find_sequences, mean
 from cli import ArgumentParser, InputError, reason
-from files import append, check_not_an_input, check_writable, is_within, lock, write_file, write_stream
+from files import (append, check_not_an_input, check_writable, is_within, lock, resolve, write_file,
+                   write_stream)
 import data
 from data import MOTION_BUCKETS, StepBatches, load_data, motion_bucket
 from model import KERNEL_SIZE, OPTIONS, Network, check_weights, keep_freed_memory, load_network, options_metadata
@@ -603,7 +604,7 @@ def run(args):
         return
     vgg = load_vgg(args.vgg_weights) if args.loss == 'lf' else None
     try:
-        os.makedirs(args.out, exist_ok=True)
+        os.makedirs(resolve(args.out)[0], exist_ok=True)  # through a dangling link, its target
     except OSError as error:
         raise InputError(f'cannot create --out {args.out}: {error.strerror}') from None
     if not os.access(args.out, os.W_OK):

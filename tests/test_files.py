@@ -11,8 +11,8 @@ import time
 import pytest
 
 from cli import InputError
-from files import (check_not_an_input, check_writable, commit, lock, temporary_beside, write_file, write_json,
-                   write_stream)
+from files import (check_folder, check_not_an_input, check_writable, commit, lock, temporary_beside, write_file,
+                   write_json, write_stream)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,3 +156,11 @@ def test_a_folder_is_held_by_one_run_at_a_time(tmp_path):
     with lock(str(tmp_path)):
         pass
     assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_is_created_through_a_dangling_link_and_a_file_is_not_a_folder(tmp_path):
+    os.symlink('made', tmp_path / 'link')
+    check_folder(str(tmp_path / 'link'))
+    assert os.path.isdir(tmp_path / 'made') and os.path.islink(tmp_path / 'link')
+    with pytest.raises(InputError, match='output path is a directory: .*r.json/'):
+        check_writable(str(tmp_path / 'r.json') + '/')

@@ -254,14 +254,17 @@ class Full:
 
 
 def test_a_report_that_cannot_be_printed_never_stops_training_or_an_export(frames_dir, tmp_path, capsys, monkeypatch):
+    os.symlink('run', tmp_path / 'link')  # dangling, as the cache's: trained through, to the folders they name
+    os.symlink('cache', tmp_path / 'cache-link')
     monkeypatch.setattr(sys, 'stdout', Full())
-    assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'run', 2, '--eval-every', '1')) == 0
+    argv = run_args(frames_dir, tmp_path, tmp_path / 'link', 2, '--eval-every', '1', '--cache', tmp_path / 'cache-link')
+    assert train.main([str(arg) for arg in argv]) == 0
     assert train.main(['--export', str(tmp_path / 'run' / 'ckpt.pt'), str(tmp_path / 'w.safetensors')]) == 0
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert err.count('notice: standard output lost (No space left on device); going on without it\n') == 2, err
     assert train.read_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 2
-    assert (tmp_path / 'w.safetensors').stat().st_size > 0
+    assert (tmp_path / 'w.safetensors').stat().st_size > 0 and os.listdir(tmp_path / 'cache')
 
 
 FULL_DISK = """
