@@ -358,7 +358,8 @@ def speed(job, result):
 
 def train_argv(job, arm, flags=()):
     dry = job.args.dry_run
-    videos = sorted(glob.glob(os.path.join(job.args.data, '*')))
+    from video import VIDEO_EXTENSIONS
+    videos = sorted(v for v in glob.glob(os.path.join(job.args.data, '*')) if v.lower().endswith(VIDEO_EXTENSIONS))
     held_out = [v for v in videos if os.path.basename(v) == VALIDATION and len(videos) > 1]
     argv = ['train.py', '--data', *[v for v in videos if v not in held_out], *(['--val-data', *held_out] if held_out else []),
             '--out', os.path.join(job.work, arm),

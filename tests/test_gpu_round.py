@@ -21,7 +21,7 @@ from model import Network, load_network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow(43)
+@pytest.mark.slow(60)
 def test_dry_run_runs_every_step_at_toy_sizes(tmp_path, middlebury):
     """Two arms side by side, diagnosed on two 64 x 64 crops of Middlebury sequences."""
     from PIL import Image
