@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from cli import InputError, check_choice, path_argument, say, side_channel
 from files import check_not_an_input
-from model import PADDINGS, estimate, load_network, resolve_device
-from video import (FOLDER_FPS, FPS_RANGE, FrameFolderWriter, FrameSource, VideoWriter, check_fps, check_video_output,
-                   exact_fps, is_frame_folder)
+from model import MODELS, PADDINGS, checked_network, estimate, load_network, resolve_device
+from video import (FOLDER_FPS, FPS_RANGE, FrameFolderWriter, FrameSource, VideoWriter, carried_streams, check_fps,
+                   check_video_output, is_frame_folder, is_number, shown, within)
 
 SCENE_CUT_THRESHOLD = 0.3  # median over a 4 x 4 grid of blocks of the colour-histogram distance, in [0, 1]
 SCENE_CUT_GRID = 4
@@ -145,26 +145,29 @@ def _neighbours(time):
     return time - step, time + step
 
 
-def _to_tensor(frame, device):
-    return torch.tensor(frame, device=device).permute(2, 0, 1).float() / 255.0
+def _to_tensor(frame, parameter):
+    """An H x W x 3 uint8 frame as a 3 x H x W tensor in [0, 1], on the device and in the precision of `parameter`."""
+    return torch.tensor(frame, device=parameter.device).permute(2, 0, 1).to(parameter.dtype) / 255.0
 
 
 def _to_uint8(tensor):
-    return (tensor * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return (tensor.float() * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 class FrameRateConverter:
     """A stream of frames at `ratio` times its rate (a Fraction: 5/2 for 24 -> 60 fps) over the same duration.
 
-    Output k shows input time k / ratio (in frame intervals), reached by recursive bisection at the time
-    target_time picks; an output on an input frame copies it, outputs past the last frame hold it, and no
+    Output k shows input time k / ratio (in frame intervals; `times` gives each input frame's time in them where
+    the rate varies), reached by recursive bisection at the time target_time picks between the two frames shown
+    around it; an output on an input frame copies it, outputs past the last frame hold it, and no
     frame is invented across a scene cut (the earlier frame is repeated). The midpoints of all pairs in a
     window of batch_size + 1 frames are computed level by level in batches, each once. `evaluations`
     counts them, `source_frames` the frames read."""
 
     def __init__(self, network, ratio, padding='paper', batch_size=1, scene_threshold=SCENE_CUT_THRESHOLD,
-                 max_time_error=MAX_TIME_ERROR):
+                 max_time_error=MAX_TIME_ERROR, times=None):
         self.network, self.ratio, self.padding, self.batch_size = network, Fraction(ratio), padding, batch_size
+        self.times = times
         self.scene_threshold, self.depth = scene_threshold, bisection_depth(max_time_error)
         self.evaluations = self.source_frames = 0
 
@@ -180,15 +183,17 @@ class FrameRateConverter:
         if len(window) > 1:
             yield from self._between(window)
         if window:  # held for its own interval
-            yield from [window[-1]] * (math.ceil(self.source_frames * self.ratio) - self._outputs_before_last())
+            yield from [window[-1]] * max(0, math.ceil(self.source_frames * self.ratio) - self._outputs_before_last())
 
     def _between(self, window):
         """The outputs from window[0] up to (not including) window[-1]."""
         first = self.source_frames - len(window)
         targets = []
-        for index in range(math.ceil(first * self.ratio), self._outputs_before_last()):
-            position = index / self.ratio - first
-            targets.append((math.floor(position), target_time(position - math.floor(position), self.depth)))
+        for index in range(self._outputs_before(first), self._outputs_before_last()):
+            time = index / self.ratio
+            pair = max(pair for pair in range(len(window) - 1) if self._time(first + pair) <= time)
+            start, end = self._time(first + pair), self._time(first + pair + 1)
+            targets.append((pair, target_time((time - start) / (end - start), self.depth)))
         timelines = self._timelines(window, targets)
         for pair, time in targets:
             if time == 1:
@@ -198,9 +203,17 @@ class FrameRateConverter:
             else:
                 yield window[pair]  # on an input frame, or at a scene cut
 
+    def _time(self, index):
+        """When input frame `index` is shown, in input frame intervals."""
+        return self.times[index] if self.times else index
+
+    def _outputs_before(self, index):
+        """How many outputs fall before input frame `index`."""
+        return math.ceil(self._time(index) * self.ratio)
+
     def _outputs_before_last(self):
         """How many outputs fall before the last frame read so far."""
-        return math.ceil((self.source_frames - 1) * self.ratio)
+        return self._outputs_before(self.source_frames - 1)
 
     def _timelines(self, window, targets):
         """{pair: {time: frame tensor}} holding every time bisection needs for `targets`; scene cuts left out."""
@@ -208,9 +221,9 @@ class FrameRateConverter:
         for pair, time in targets:
             if 0 < time < 1:
                 wanted.setdefault(pair, []).append(time)
-        device = next(self.network.parameters()).device
-        timelines = {pair: {Fraction(0): _to_tensor(window[pair], device),
-                            Fraction(1): _to_tensor(window[pair + 1], device)}
+        parameter = next(self.network.parameters())
+        timelines = {pair: {Fraction(0): _to_tensor(window[pair], parameter),
+                            Fraction(1): _to_tensor(window[pair + 1], parameter)}
                      for pair in wanted if not self._cut(window[pair], window[pair + 1])}
         needed = {pair: bisection_times(wanted[pair]) for pair in timelines}
         for depth in range(1, MAX_DEPTH + 1):
@@ -236,57 +249,74 @@ class FrameRateConverter:
 # ---------------------------------------------------------------------------------------------
 # Videos
 
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+MAX_BATCH_SIZE = 1024  # pairs per network call: far more than any memory holds at useful sizes
 
 
 def _is_whole(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return is_number(value) and isinstance(value, numbers.Integral)
 
 
-def _shown(value):
-    return f'{float(value):g}' if _is_number(value) else repr(value)
-
-
-def check_options(factor=None, fps=None, slowmo=False, batch_size=None, max_time_error=MAX_TIME_ERROR):
-    """Refuse, before any work, values interpolate_video cannot use."""
+def check_options(factor=None, fps=None, slowmo=False, batch_size=None, max_time_error=MAX_TIME_ERROR, **flags):
+    """Refuse, before any work, values interpolate_video cannot use, whatever their spelling (1e400, inf, 10**400);
+    return fps and max_time_error as exact Fractions (a float as the decimal it prints as)."""
+    for name, value in dict(slowmo=slowmo, **flags).items():
+        if not isinstance(value, bool):
+            raise InputError(f'{name} must be True or False, got {value!r}')
     if fps is not None and factor is not None and not slowmo:
         raise InputError('--fps and --factor exclude each other: --fps F gives the same duration at F fps '
                          '(add --slowmo to play --factor x the frames at F fps)')
     if factor is not None and not (_is_whole(factor) and factor >= 2):
-        raise InputError(f'--factor must be a whole number of at least 2, got {_shown(factor)}')
-    if fps is not None and not _is_number(fps):
-        raise InputError(f'--fps must be a number, got {_shown(fps)}')
-    if fps is not None:
-        check_fps(fps)
-    if batch_size is not None and not (_is_whole(batch_size) and batch_size >= 1):
-        raise InputError(f'--batch-size must be a whole number of at least 1, got {_shown(batch_size)}')
-    if not (_is_number(max_time_error) and Fraction(1, 2 ** MAX_DEPTH) <= max_time_error <= Fraction(1, 2)):
+        raise InputError(f'--factor must be a whole number of at least 2, got {shown(factor)}')
+    if batch_size is not None and not (_is_whole(batch_size) and 1 <= batch_size <= MAX_BATCH_SIZE):
+        bound = 'at least 1' if not _is_whole(batch_size) or batch_size < 1 else f'at most {MAX_BATCH_SIZE}'
+        raise InputError(f'--batch-size must be a whole number of {bound}, got {shown(batch_size)}')
+    error = within(max_time_error, Fraction(1, 2 ** MAX_DEPTH), Fraction(1, 2)) if is_number(max_time_error) else None
+    if error is None:
         raise InputError(f'--max-time-error must be between 1/{2 ** MAX_DEPTH} and 1/2 (of an input frame '
-                         f'interval), got {_shown(max_time_error)}')
+                         f'interval), got {shown(max_time_error)}')
+    return (None if fps is None else check_fps(fps)), error
 
 
 def _format_rate(rate):
-    return f'{float(rate):.3f}'.rstrip('0').rstrip('.')
+    return f'{float(rate):.3f}'.rstrip('0').rstrip('.') if rate < 10 ** 15 else shown(rate)
+
+
+def _dropped(clip, reason):
+    """One notice naming the kinds of `clip`'s streams besides its video that do not go along, and why."""
+    kinds = sorted({kind for _, kind, _ in clip.streams})
+    if kinds:
+        notice(f"{' and '.join(kinds)} dropped: {reason}")
 
 
 def plan_rates(clip, factor, fps, slowmo, to_folder):
-    """(source_rate, timeline, rate, keep_audio): frames are sampled from the input at `timeline` frames per
-    second of input time and written at `rate`; they differ only with --slowmo, and the audio goes along only
-    if not."""
+    """(source_rate, timeline, rate, keep_streams): frames are sampled from the input at `timeline` frames per
+    second of input time and written at `rate`; they differ only with --slowmo, and the input's other streams
+    (audio, subtitles, ...) go along only if not. `fps` is kept exact; only rates read from files are snapped."""
     source_rate = clip.fps or FOLDER_FPS
     if clip.fps is None and not to_folder:
         notice(f'the frame rate of {clip.path} is unknown; taking {FOLDER_FPS} fps')
-    fps = None if fps is None else exact_fps(fps)
     timeline = fps if fps is not None and not slowmo else source_rate * (factor or 2)
     if not FPS_RANGE[0] <= timeline <= FPS_RANGE[1]:
-        raise InputError(f'--factor {factor or 2} makes {_format_rate(timeline)} fps from {_format_rate(source_rate)} '
-                         f'fps, outside {FPS_RANGE[0]} to {FPS_RANGE[1]} fps')
+        raise InputError(f'--factor {shown(factor or 2)} makes {_format_rate(timeline)} fps from '
+                         f'{_format_rate(source_rate)} fps, outside {FPS_RANGE[0]} to {FPS_RANGE[1]} fps')
     rate = fps if fps is not None else source_rate if slowmo else timeline
-    keep_audio = bool(clip.audio) and not to_folder and rate == timeline
-    if clip.audio and not keep_audio:
-        notice(f"audio dropped: {'a frame folder holds no audio' if to_folder else '--slowmo stretches the video'}")
-    return source_rate, timeline, rate, keep_audio
+    keep_streams = not to_folder and rate == timeline
+    if not keep_streams:
+        _dropped(clip, 'a frame folder holds no audio' if to_folder else '--slowmo stretches the video')
+    return source_rate, timeline, rate, keep_streams
+
+
+def picture_notices(clip, to_folder):
+    """One line each for what of `clip`'s picture the output cannot carry."""
+    if clip.alpha:
+        notice(f'the transparency of {clip.path} is composited on white, as for images')
+    colour = clip.colour or {}
+    lost = ([f'its sample aspect ratio {clip.sar.numerator}:{clip.sar.denominator}'] if clip.sar != 1 else []) + (
+        [f"its colour tags ({colour['primaries']}/{colour['transfer']})"]
+        if colour.get('primaries', 'unknown') not in ('unknown', 'bt709')
+        or colour.get('transfer', 'unknown') not in ('unknown', 'bt709', 'iec61966-2-1', 'smpte170m') else [])
+    if to_folder and lost:
+        notice(f"PNG frames do not carry {' or '.join(lost)}")
 
 
 class Summary(typing.NamedTuple):
@@ -321,38 +351,59 @@ def interpolate_video(source, out, network=None, model='l1', weights=None, facto
     numbered PNGs) at another frame rate: an output frame due on a source frame copies it, one due between
     two source frames is made by SepConv.
 
-    Without slowmo the duration is kept, and the audio with it: the output runs at `fps`, or at `factor`
-    (default 2) x the input rate. With slowmo, `factor` x the frames play at the input rate, or at `fps`.
+    Without slowmo the duration is kept, and the audio, subtitles and other streams the output container holds
+    with it: the output runs at `fps` (kept exact), or at `factor` (default 2) x the input rate, which is read
+    from the timestamps (a variable rate: its average, each frame placed at its own time). With slowmo,
+    `factor` x the frames play at the input rate, or at `fps`. The sample aspect ratio and colour tags are
+    carried; transparency is composited on white. Every option is checked before the video is read.
     A time between two input frames is reached by recursive bisection within max_time_error of an input
     frame interval (exactly for power-of-two factors). Frames are streamed: decoded, interpolated (batches
     of batch_size pairs; default 1 on the CPU, what fits on a GPU) and encoded one at a time, into a
     temporary file renamed to `out` only once complete. Returns a Summary (frames, rates, network evaluations)."""
-    check_options(factor, fps, slowmo, batch_size, max_time_error)
+    fps, max_time_error = check_options(factor, fps, slowmo, batch_size, max_time_error, scene_detect=scene_detect,
+                                        progress=progress)
     check_choice('padding', padding, PADDINGS)
+    check_choice('model', model, MODELS)
+    network = None if network is None else checked_network(network)
+    device = next(network.parameters()).device if network else resolve_device(device)
     source, out = path_argument('source', source), path_argument('out', out)
     to_folder = is_frame_folder(out)
-    clip = FrameSource(source)
-    check_video_output(out, source)  # before plan_rates' notices: a refusal is one line
-    source_rate, timeline, rate, keep_audio = plan_rates(clip, factor, fps, slowmo, to_folder)
-    check_not_an_input(out, [weights and path_argument('weights', weights)])
-    device = next(network.parameters()).device if network else resolve_device(device)
-    batch_size = choose_batch_size(clip.width, clip.height, device, padding, batch_size)
-    frames = iter(clip)
-    try:
-        head = list(itertools.islice(frames, 2))
-        if len(head) < 2:
-            raise InputError(f'{source} has {"no frames" if not head else "only one frame"}; '
+    with FrameSource(source) as clip:
+        if clip.count < 2:
+            raise InputError(f'{source} has {"no frames" if not clip.count else "only one frame"}; '
                              'interpolation needs at least two')
+        check_video_output(out, source)  # before plan_rates' notices: a refusal is one line
+        source_rate, timeline, rate, keep_streams = plan_rates(clip, factor, fps, slowmo, to_folder)
+        check_not_an_input(out, [weights and path_argument('weights', weights)])
+        batch_size = choose_batch_size(clip.width, clip.height, device, padding, batch_size)
+        streams = []
+        if keep_streams:
+            streams, dropped = carried_streams(clip, out)
+            if dropped:
+                notice(f"{out} cannot hold {', '.join(dropped)}: dropped")
+        picture_notices(clip, to_folder)
         network = network or load_network(model, weights, device)
         if (clip.width % 2 or clip.height % 2) and not to_folder:
             notice(f'{clip.width}x{clip.height} has an odd side, which H.264 4:2:0 cannot hold: encoding 4:4:4 '
                    '(yuv444p) to keep the size; some players (browsers, QuickTime) cannot play that')
         converter = FrameRateConverter(network, timeline / source_rate, padding, batch_size,
-                                       SCENE_CUT_THRESHOLD if scene_detect else None, max_time_error)
+                                       SCENE_CUT_THRESHOLD if scene_detect else None, max_time_error, clip.times)
+        written = _convert(clip, converter, out, to_folder, rate, streams, progress)
+    return Summary(out, written, rate, converter.source_frames, source_rate, converter.evaluations)
+
+
+def _convert(clip, converter, out, to_folder, rate, streams, progress):
+    """Stream `clip` through `converter` into `out`, whole or not at all; the number of frames written."""
+    frames = iter(clip)
+    try:
+        head = list(itertools.islice(frames, 2))
+        if len(head) < 2:
+            raise InputError(f'{clip.path} has {"no frames" if not head else "only one frame"}; '
+                             'interpolation needs at least two')
         sink = (FrameFolderWriter(out) if to_folder else
-                VideoWriter(out, clip.width, clip.height, rate, source if keep_audio else None, clip.audio))
+                VideoWriter(out, clip.width, clip.height, rate, clip, streams))
         try:
-            total = math.ceil(clip.count * converter.ratio) if clip.count else None
+            total = math.ceil(clip.count * converter.ratio)
             written = _write_all(converter.convert(itertools.chain(head, frames)), sink, total, progress)
             sink.close()
         except BaseException:
@@ -360,4 +411,4 @@ def interpolate_video(source, out, network=None, model='l1', weights=None, facto
             raise
     finally:
         frames.close()  # stops the decoder
-    return Summary(out, written, rate, converter.source_frames, source_rate, converter.evaluations)
+    return written

@@ -317,6 +317,9 @@ def keep_freed_memory():
 def _frame_kind(frame, name):
     """What interpolate takes: 'tensor' (float), 'PIL image', 'uint8 array' or 'float array'; the rest is refused."""
     if isinstance(frame, torch.Tensor):
+        if frame.is_meta or frame.layout != torch.strided or frame.is_nested:
+            kind = 'meta' if frame.is_meta else 'nested' if frame.is_nested else str(frame.layout).split('.')[-1]
+            raise InputError(f'{name} is a {kind} tensor; interpolate takes dense tensors that hold their values')
         if not frame.is_floating_point():
             raise InputError(f'{name} is a tensor of {frame.dtype}; tensors must be float, in [0, 1]')
         return 'tensor'
@@ -333,8 +336,9 @@ def _frame_kind(frame, name):
     raise InputError(f'{name} has type {type(frame).__name__}; interpolate takes numpy arrays, PIL images or tensors')
 
 
-def _frame_tensor(frame, kind, name):
-    """A frame of `kind` as a float32 N x 3 x H x W tensor, and the shape it was checked to have."""
+def _frame_tensor(frame, kind, name, check_size):
+    """A frame of `kind` as a float32 N x 3 x H x W tensor, and the shape it was checked to have; its size
+    (width, height, pairs) passes check_size before any copy is made."""
     if kind == 'PIL image':
         frame = image_array(frame, name)
     frame = frame.detach() if kind == 'tensor' else np.asarray(frame)  # no autograd; no ndarray subclasses
@@ -345,6 +349,8 @@ def _frame_tensor(frame, kind, name):
         layout, fits = 'H x W x 3', len(shape) == 3 and shape[2] == 3
     if not fits or 0 in shape:
         raise InputError(f'{name} has shape {shape}; expected {layout} (RGB, at least 1 x 1)')
+    check_size(*((shape[-1], shape[-2], shape[0] if len(shape) == 4 else 1) if kind == 'tensor'
+                 else (shape[1], shape[0], 1)))
     if kind in ('tensor', 'float array'):
         check_range(frame, name)
     if kind == 'tensor':
@@ -353,25 +359,33 @@ def _frame_tensor(frame, kind, name):
     return torch.from_numpy(frame.astype(np.float32) / scale).permute(2, 0, 1)[None], shape
 
 
-def _frames(one, two):
+def _frames(one, two, check_size):
     """Both frames as float32 N x 3 x H x W tensors, and their kind; frames of two kinds or shapes are refused."""
     kind, other = _frame_kind(one, 'one'), _frame_kind(two, 'two')
     if kind != other:
         raise InputError(f'one is a {kind}, two a {other}; pass both frames as the same kind')
-    (one, shape_one), (two, shape_two) = _frame_tensor(one, kind, 'one'), _frame_tensor(two, kind, 'two')
+    (one, shape_one), (two, shape_two) = _frame_tensor(one, kind, 'one', check_size), \
+        _frame_tensor(two, kind, 'two', check_size)
     if shape_one != shape_two:
         raise InputError(f'one and two differ in shape: {shape_one} and {shape_two}')
     return one, two, kind
 
 
-def _network(network, model):
-    """`network` as given, or the bundled `model` weights when it is None."""
-    if network is None:
-        return load_network(model, device='auto')
-    if not isinstance(network, torch.nn.Module) or next(network.parameters(), None) is None:
+def checked_network(network):
+    """`network` if it is a SepConv Network (or wraps one: DataParallel, torch.compile) with floating-point
+    weights that hold values; else an InputError."""
+    inner = network
+    while isinstance(inner, torch.nn.Module) and not isinstance(inner, Network):
+        inner = next((getattr(inner, name) for name in ('module', '_orig_mod')
+                      if isinstance(getattr(inner, name, None), torch.nn.Module)), None)
+    if not isinstance(inner, Network):
         given = repr(network) if isinstance(network, str) else type(network).__name__
         raise InputError(f'network must be a Network (from load_network or torch.hub.load), got {given}; '
                          'model= names the bundled weights')
+    parameter = next(network.parameters(), None)
+    if parameter is None or parameter.is_meta or not parameter.is_floating_point():
+        raise InputError('network has no weights to compute with (load them with load_network)' if parameter is None
+                         or parameter.is_meta else f'network weights are {parameter.dtype}; expected floating point')
     return network
 
 
@@ -380,14 +394,18 @@ def interpolate(one, two, network=None, model='l1', padding='paper', precision='
 
     Images are H x W x 3 RGB numpy arrays (uint8, or float in [0, 1]) or PIL images (any mode
     images.read_image reads), giving the same kind back (PIL images as RGB); tensors are float,
-    3 x H x W or N x 3 x H x W RGB in [0, 1], and give a tensor back. Both frames are of one kind.
+    3 x H x W or N x 3 x H x W RGB in [0, 1], and give a float32 tensor back. Both frames are of one kind.
+    A network in half or bfloat16 precision computes in it; frames too large for the memory are refused.
     """
+    from media import check_memory  # media builds on this module
     batched = isinstance(one, torch.Tensor) and one.dim() == 4
-    one, two, kind = _frames(one, two)
     check_options(padding, precision)
-    network = _network(network, model)
-    device = next(network.parameters()).device
-    output = estimate(network, one.to(device), two.to(device), padding, precision)
+    network = None if network is None else checked_network(network)
+    device = resolve_device('auto') if network is None else next(network.parameters()).device
+    one, two, kind = _frames(one, two, lambda *size: check_memory(*size[:2], device, padding, size[2]))
+    network = load_network(model, device=device) if network is None else network
+    parameter = next(network.parameters())  # a half or bfloat16 network computes in its own precision
+    output = estimate(network, one.to(parameter), two.to(parameter), padding, precision).float()
     if kind == 'tensor':
         return output if batched else output[0]
     image = output[0].permute(1, 2, 0).cpu().numpy()

@@ -22,9 +22,10 @@ EXAMPLES = """examples:
   python run.py --video videos/bunny.mp4 --out bunny-slow.mp4 --factor 4 --slowmo
   python run.py --video frames/ --out frames-x2/      (folders of images in, numbered PNGs out)
 
-In video mode the output keeps the input's duration and audio: --fps F samples it at F frames
-per second, --factor N at N x the input rate; --slowmo plays those frames at the input rate
-(or at --fps) instead, without audio. An output frame due on an input frame copies it; SepConv
+In video mode the output keeps the input's duration, audio, subtitles and other streams, sample
+aspect ratio and colour tags: --fps F (kept exact) samples it at F frames per second, --factor N
+at N x the input rate (read from the timestamps); --slowmo plays those frames at the input rate
+(or at --fps) instead, without the other streams. An output frame due on an input frame copies it; SepConv
 makes midpoints, so a time between two input frames is reached by halving the interval, and
 each output frame lies within --max-time-error (of an input frame interval) of its exact time;
 a power-of-two --factor is exact. The last line counts the network evaluations. Frame folders
