@@ -445,7 +445,7 @@ def train(args, resumed=None, vgg=None):
             if step >= args.max_steps:
                 break
             lr = args.lr * max(0.0, min(1.0, (step + 1) / max(1, args.warmup), (args.max_steps - step) / max(1, args.decay),
-                               (args.max_minutes * 60 - (time.time() - started)) / (args.decay_minutes * 60 or math.inf)))
+                               (args.max_minutes * 60 - (time.time() - started)) / (args.decay_minutes * 60) if args.decay_minutes else 1.0))
             kernel_target = args.kernel_target if step < args.kernel_until else 0.0
             try:
                 loss, blend_loss, target_loss = training_step(model, vgg, optimizer, batch, lr, args.precision,

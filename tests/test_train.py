@@ -308,3 +308,12 @@ def test_kernel_units_off_everywhere_learn_to_turn_on():
     assert gradients[1].max() <= 0 and gradients[1].min() < 0  # descent raises them: on, never further off
     assert isinstance(network.netVertical1[5], train.KernelUnitReLU)
     assert set(network.state_dict()) == set(Network().state_dict())
+
+
+@pytest.mark.parametrize('limits', [[], ['--max-minutes', '5'], ['--max-minutes', '5', '--decay-minutes', '1']])
+def test_every_step_moves_the_weights(frames_dir, tmp_path, random_weights, limits):
+    """With or without a time limit and its decay, the learning rate after the warm-up is not 0."""
+    assert train.main(run_args(frames_dir, tmp_path, tmp_path / 'run', 2, '--init', random_weights, *limits)) == 0
+    start = load_network(weights=random_weights).state_dict()
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)['model']
+    assert all(not torch.equal(trained[key], start[key]) for key in ('netConv1.0.weight', 'netVertical1.7.bias'))
