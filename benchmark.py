@@ -1,10 +1,12 @@
-"""Middlebury benchmark: python benchmark.py [--data DIR] [--model l1|lf|blend] [--padding paper|improved]
-Speed harness:       python benchmark.py --speed ... (benchmark_speed.py)
+"""Benchmarks: python benchmark.py [--dataset NAME] [--data DIR] [--model l1|lf|blend] [--weights FILE]
+Speed harness: python benchmark.py --speed ... (benchmark_speed.py)
 
-The protocol of the original sepconv-slomo benchmark.py, so that the figures compare with its table:
-frames scaled by 1/255 in float32, the estimate clipped to [0, 1] and truncated (not rounded) to uint8,
-PSNR and SSIM from scikit-image with data_range 255 (SSIM over the three channels, default window).
-The original compares BGR images; both metrics treat the channels alike, so RGB gives the same numbers.
+Each set is scored as the papers that report SepConv score it (`--help` lists them; docs/benchmarks.md gives
+the sources). Middlebury keeps the protocol of the original sepconv-slomo benchmark.py, so that its figures
+compare with that table: frames scaled by 1/255 in float32, the estimate clipped to [0, 1] and truncated (not
+rounded) to uint8, PSNR and SSIM from scikit-image with data_range 255; it also reports the interpolation error
+of the rounded estimate. The original compares BGR images; every metric here treats the channels alike (the
+volume SSIM's window is symmetric), so RGB gives the same numbers.
 """
 import os
 import sys
@@ -12,20 +14,21 @@ import urllib.request
 import zipfile
 
 import numpy as np
-import skimage.metrics
 import torch
 from tqdm import tqdm
 
 import cli
+import datasets
 from cli import ArgumentParser, InputError, path_argument
+from datasets import Benchmark, FrameReader, Triplet, check_sizes
 from files import check_link, check_not_an_input, check_writable, listing, write_file, write_json
-from images import image_size, read_image
+from images import image_size
+from metrics import SSIM_WINDOW, SSIMS, interpolation_error, psnr, quantise
 from model import MODELS, PADDINGS, PRECISIONS, estimate, keep_freed_memory, load_network, weights_path
 
 MIDDLEBURY_URL = 'https://vision.middlebury.edu/flow/data/comp/zip/'
 MIDDLEBURY_ARCHIVES = ('other-data.zip', 'other-gt-interp.zip')
 FRAMES = ('frame10.png', 'frame11.png', 'frame10i11.png')
-SSIM_WINDOW = 7  # scikit-image's default, which the original uses: frames need at least 7 x 7 pixels
 CACHE_DIR = os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'sepconv', 'middlebury')
 REFERENCE = {  # the paper's Middlebury "other" results (PSNR, SSIM), as reproduced by sepconv-slomo
     ('l1', 'paper'): (35.73, 0.959), ('lf', 'paper'): (35.03, 0.954),
@@ -97,33 +100,75 @@ def find_sequences(data):
     return sequences
 
 
-def score(truth, estimate):
-    with np.errstate(divide='ignore'):  # equal images: an infinite PSNR, not a warning
-        psnr = skimage.metrics.peak_signal_noise_ratio(truth, estimate, data_range=255)
-    return psnr, skimage.metrics.structural_similarity(truth, estimate, data_range=255, channel_axis=2)
+MIDDLEBURY = Benchmark('middlebury', None, '<Seq>/frame10.png, frame11.png, frame10i11.png (truth)',
+                       MIDDLEBURY_URL, 'skimage', 'truncate', None)
+BENCHMARKS = {'middlebury': MIDDLEBURY, **datasets.BENCHMARKS}
+PROTOCOLS = {  # what each set's figures are, as the papers that report SepConv computed them
+    'round': 'PSNR of the estimate rounded to uint8',
+    'truncate': 'PSNR of the estimate truncated to uint8 (as the original benchmarks)',
+    'volume': 'SSIM with an 11x11 Gaussian window (sigma 1.5) over the three channels as one volume '
+              '(RIFE, IFRNet, EMA-VFI)',
+    'skimage': 'SSIM of scikit-image (7x7 window per channel)',
+}
+PUBLISHED = {  # SepConv l1 as published: (PSNR, SSIM or None, source); see docs/benchmarks.md
+    'vimeo90k': (33.79, 0.9702, 'DSepConv, AAAI 2020, table 2'),
+    'ucf101': (34.78, 0.9669, 'DSepConv, AAAI 2020, table 2'),
+    'snu-film-easy': (39.41, None, 'IFRNet and EMA-VFI tables'),
+    'snu-film-medium': (34.97, None, 'IFRNet and EMA-VFI tables'),
+    'snu-film-hard': (29.36, None, 'IFRNet and EMA-VFI tables'),
+    'snu-film-extreme': (24.31, None, 'IFRNet and EMA-VFI tables'),
+    'xiph-2k': (34.77, 0.929, 'EMA-VFI table'),
+    'xiph-4k': (32.06, 0.880, 'EMA-VFI table'),
+}
+MIDDLEBURY_IE = 2.27  # SepConv l1's interpolation error (DSepConv, AAAI 2020, table 2)
 
 
-def truncated_middle(network, one, two, padding='paper', precision='fp32'):
-    """The middle frame of two uint8 RGB images as the original benchmark makes it: truncated to uint8."""
+def score(benchmark, truth, levels):
+    """{psnr, ssim[, ie]} of an estimate given on the 0-255 scale, by the set's protocol; Middlebury adds the
+    interpolation error of the rounded estimate."""
+    estimate = quantise(levels, benchmark.rounding)
+    row = {'psnr': psnr(truth, estimate), 'ssim': SSIMS[benchmark.ssim](truth, estimate)}
+    if benchmark is MIDDLEBURY:
+        row['ie'] = interpolation_error(truth, quantise(levels, 'round'))
+    return row
+
+
+def middle_levels(network, one, two, padding='paper', precision='fp32'):
+    """The network's middle frame of two uint8 RGB images, on the 0-255 scale (float32, not yet quantised)."""
     device = next(network.parameters()).device
     one, two = (torch.from_numpy(image.astype(np.float32) * (1.0 / 255.0)).permute(2, 0, 1)[None].to(device)
                 for image in (one, two))
-    output = estimate(network, one, two, padding, precision)[0].permute(1, 2, 0).cpu().numpy()
-    return (output * 255.0).astype(np.uint8)
+    return estimate(network, one, two, padding, precision)[0].permute(1, 2, 0).cpu().numpy() * 255.0
 
 
-RESULT_KEYS = ('psnr', 'ssim', 'blend_psnr', 'blend_ssim')
+def score_triplets(network, benchmark, triplets, padding='paper', precision='fp32', progress=False):
+    """{triplet name: figures} by the set's protocol; network None scores the blend 0.5 one + 0.5 two.
+    Middlebury also scores the blend beside the network (blend_psnr, ...)."""
+    results, read = {}, FrameReader()
+    try:
+        for triplet in tqdm(triplets, desc=benchmark.name, unit='triplet', disable=not progress,
+                            file=cli.side_channel):
+            one, truth, two = (read(frame) for frame in triplet[1:])
+            if benchmark.prepare:
+                one, truth, two = (benchmark.prepare(frame) for frame in (one, truth, two))
+            blend = (one.astype(np.float32) + two) / 2
+            levels = blend if network is None else middle_levels(network, one, two, padding, precision)
+            results[triplet.name] = score(benchmark, truth, levels)
+            if benchmark is MIDDLEBURY:
+                baseline = score(benchmark, truth, blend)
+                results[triplet.name] |= {f'blend_{key}': value for key, value in baseline.items()}
+    finally:
+        read.close()
+    return results
+
+
+def middlebury_triplets(data):
+    return [Triplet(name, first, truth, second) for name, first, second, truth in find_sequences(data)]
 
 
 def evaluate(network, data, padding='paper', precision='fp32'):
-    """{sequence: {psnr, ssim, blend_psnr, blend_ssim}}; network None scores the blend alone (truncated too)."""
-    results = {}
-    for name, first, second, truth in find_sequences(data):
-        one, two, truth = read_image(first), read_image(second), read_image(truth)
-        blend = ((one.astype(np.uint16) + two) // 2).astype(np.uint8)
-        estimate = blend if network is None else truncated_middle(network, one, two, padding, precision)
-        results[name] = dict(zip(RESULT_KEYS, score(truth, estimate) + score(truth, blend)))
-    return results
+    """Middlebury {sequence: {psnr, ssim, ie, blend_psnr, blend_ssim, blend_ie}}; network None scores the blend."""
+    return score_triplets(network, MIDDLEBURY, middlebury_triplets(data), padding, precision)
 
 
 def mean(results, key):
@@ -131,63 +176,115 @@ def mean(results, key):
 
 
 def report(results, model, padding):
-    lines = [f"{'sequence':<12} {'PSNR':>7} {'SSIM':>6}   {'blend PSNR':>10} {'SSIM':>6}"]
-    for name, row in results.items():
-        lines.append(f"{name:<12} {row['psnr']:7.2f} {row['ssim']:6.3f}   {row['blend_psnr']:10.2f} {row['blend_ssim']:6.3f}")
-    lines.append(f"{'mean':<12} {mean(results, 'psnr'):7.2f} {mean(results, 'ssim'):6.3f}   "
-                 f"{mean(results, 'blend_psnr'):10.2f} {mean(results, 'blend_ssim'):6.3f}")
+    lines = [f"{'sequence':<12} {'PSNR':>7} {'SSIM':>6} {'IE':>5}   {'blend PSNR':>10} {'SSIM':>6} {'IE':>5}"]
+    rows = list(results.items()) + [('mean', {key: mean(results, key) for key in next(iter(results.values()))})]
+    for name, row in rows:
+        lines.append(f"{name:<12} {row['psnr']:7.2f} {row['ssim']:6.3f} {row['ie']:5.2f}   "
+                     f"{row['blend_psnr']:10.2f} {row['blend_ssim']:6.3f} {row['blend_ie']:5.2f}")
     lines.append('')
     lines.append(f"{'paper':<16} {'PSNR':>7} {'SSIM':>6}")
-    for (paper_model, paper_padding), (psnr, ssim) in REFERENCE.items():
-        lines.append(f'{paper_model + "/" + paper_padding:<16} {psnr:7.2f} {ssim:6.3f}')
+    for (paper_model, paper_padding), (psnr_, ssim_) in REFERENCE.items():
+        lines.append(f'{paper_model + "/" + paper_padding:<16} {psnr_:7.2f} {ssim_:6.3f}')
+    lines.append(f'SepConv l1 interpolation error (IE): {MIDDLEBURY_IE} (DSepConv, AAAI 2020, table 2)')
     lines.append(f'{"ours " + model + "/" + padding:<16} {mean(results, "psnr"):7.2f} {mean(results, "ssim"):6.3f}')
     return '\n'.join(lines)
 
 
-def inputs(args, data, sequences):
-    """Every file the benchmark reads: the frames, the archives they come from, the weights."""
+def summary(benchmark, results):
+    """The protocol, the published SepConv figures and the mean, for every set but Middlebury."""
+    digits = 4 if benchmark.ssim == 'volume' else 3
+    lines = [f'{benchmark.name}: {len(results)} triplets; {PROTOCOLS[benchmark.rounding]}; {PROTOCOLS[benchmark.ssim]}']
+    if benchmark.name in PUBLISHED:
+        psnr_, ssim_, source = PUBLISHED[benchmark.name]
+        lines.append(f'published SepConv l1: PSNR {psnr_:.2f}' + (f' SSIM {ssim_:.{digits}f}' if ssim_ else '')
+                     + f' ({source})')
+    lines.append(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.{digits}f}")
+    return '\n'.join(lines)
+
+
+def inputs(args, triplets, extra=()):
+    """Every file the benchmark reads: the frames, the lists or archives they come from, the weights."""
     weights = [] if args.model == 'blend' else [args.weights or weights_path(args.model)]
-    archives = [os.path.join(data, archive) for archive in MIDDLEBURY_ARCHIVES]
-    return [path for _, *frames in sequences for path in frames] + archives + weights
+    frames = {frame if isinstance(frame, str) else frame[0] for triplet in triplets for frame in triplet[1:]}
+    return sorted(frames) + list(extra) + weights
+
+
+def epilog():
+    lines = ['Sets (--dataset), their layout under --data, and their protocol:']
+    for benchmark in BENCHMARKS.values():
+        lines.append(f'  {benchmark.name}: {benchmark.layout}')
+        lines.append(f'      {PROTOCOLS[benchmark.rounding]}; {PROTOCOLS[benchmark.ssim]}'
+                     + ('; also the interpolation error (IE), mean |round(estimate) - truth| in levels'
+                        if benchmark is MIDDLEBURY else ''))
+    lines += ['Frames are padded to the sizes the network needs as in run.py (--padding), and the output cropped '
+              'back.',
+              'Defaults differ from the original benchmark (l1 with improved padding): paper padding, as published; '
+              '--padding improved gives its setting.']
+    return '\n'.join(lines)
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description='SepConv on the Middlebury benchmark, scored as the original scores it. '
-                            '`benchmark.py --speed --help` shows the speed harness.',
-                            epilog='Defaults differ from the original benchmark (l1 with improved padding): '
-                            'paper padding, as published; --padding improved gives its setting.',
-                            formatter_class=cli.HelpFormatter)
-    parser.add_argument('--data', help='Middlebury folder with <Seq>/frame10.png, frame11.png, frame10i11.png '
-                                       f'(default: {CACHE_DIR}, downloaded on first use)')
+    parser = ArgumentParser(description='SepConv on the frame-interpolation benchmarks, each scored as the papers '
+                            'that report SepConv score it. `benchmark.py --speed --help` shows the speed harness.',
+                            epilog=epilog(), formatter_class=cli.HelpFormatter)
+    parser.add_argument('--dataset', default='middlebury', choices=tuple(BENCHMARKS), help='benchmark set')
+    parser.add_argument('--data', help='the set\'s folder, in its published layout (below); for Middlebury '
+                                       f'default {CACHE_DIR}, downloaded on first use')
     parser.add_argument('--model', default='l1', choices=MODELS + ('blend',),
                         help='bundled weights, or blend: 0.5 one + 0.5 two')
-    parser.add_argument('--weights', help='weights file instead of the bundled ones')
+    parser.add_argument('--weights', help='weights file instead of the bundled ones (.safetensors, or the '
+                                          "original's .pytorch)")
     parser.add_argument('--padding', default='paper', choices=PADDINGS, help='frame padding, see run.py --help')
     parser.add_argument('--device', default='auto', type=cli.device, metavar='{auto,cpu,cuda,cuda:N}',
                         help='where the network runs')
     parser.add_argument('--precision', default='fp32', choices=PRECISIONS, help='network precision')
-    parser.add_argument('--json', help='also write the results to this JSON file')
+    parser.add_argument('--limit', type=int, help='score only the first N triplets, for a quick look')
+    parser.add_argument('--json', help="also write every triplet's figures and the means to this JSON file")
     return parser.parse_args(argv)
 
 
+def find_triplets(args):
+    """The set's triplets (the first --limit), all checked, and the list or archive files they come from."""
+    benchmark = BENCHMARKS[args.dataset]
+    if benchmark is MIDDLEBURY:
+        try:
+            data = args.data or download_middlebury()
+        except OSError as error:
+            raise InputError(f'cannot get the Middlebury data: {error}') from None
+        triplets, extra = middlebury_triplets(data), [os.path.join(data, archive) for archive in MIDDLEBURY_ARCHIVES]
+    else:
+        if args.data is None:
+            raise InputError(f'--data is needed for {benchmark.name}: the folder of the set published at '
+                             f'{benchmark.published}')
+        data = path_argument('--data', args.data)
+        triplets = benchmark.find(data)[:args.limit]
+        check_sizes(benchmark, triplets)
+        extra = [os.path.join(data, name) for name in os.listdir(data) if name.endswith('.txt')]  # the lists
+    return benchmark, triplets[:args.limit], extra
+
+
 def benchmark(args):
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f'--limit must be at least 1, got {args.limit}')
     if args.json is not None:
         check_writable(path_argument('--json', args.json), [args.weights])
-    try:
-        data = args.data or download_middlebury()
-    except OSError as error:
-        raise InputError(f'cannot get the Middlebury data: {error}') from None
-    sequences = find_sequences(data)  # all checked before any work (evaluate finds them again, from the headers)
+    chosen, triplets, extra = find_triplets(args)  # all checked before any work
     if args.json is not None:
-        check_not_an_input(args.json, inputs(args, data, sequences))
+        check_not_an_input(args.json, inputs(args, triplets, extra))
     network = None if args.model == 'blend' else load_network(args.model, args.weights, args.device)
-    results = evaluate(network, data, args.padding, args.precision)
+    results = score_triplets(network, chosen, triplets, args.padding, args.precision, progress=True)
     if args.json is not None:  # written first: a report that cannot be printed does not lose the results
-        write_json(args.json, {'model': args.model, 'padding': args.padding, 'precision': args.precision,
-                               'sequences': results, 'mean': {key: mean(results, key) for key in RESULT_KEYS}})
-    setting = args.padding if args.precision == 'fp32' else f'{args.padding} {args.precision}'
-    cli.output(report(results, args.model, setting))
-    cli.output(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f}")
+        keys = next(iter(results.values()))
+        write_json(args.json, {'dataset': chosen.name, 'model': args.model, 'padding': args.padding,
+                               'precision': args.precision, 'sequences': results,
+                               'mean': {key: mean(results, key) for key in keys}})
+    if chosen is MIDDLEBURY:
+        setting = args.padding if args.precision == 'fp32' else f'{args.padding} {args.precision}'
+        cli.output(report(results, args.model, setting))
+        cli.output(f"mean PSNR {mean(results, 'psnr'):.2f} SSIM {mean(results, 'ssim'):.3f} "
+                   f"IE {mean(results, 'ie'):.2f}")
+    else:
+        cli.output(summary(chosen, results))
 
 
 def main(argv=None):

@@ -29,8 +29,9 @@ def read(path):
 
 
 def blend_scores(folder):
-    """Mean PSNR and SSIM of the average of frame10 and frame11, truncated to uint8 as the network's output is."""
-    psnrs, ssims = [], []
+    """Mean PSNR and SSIM of the average of frame10 and frame11, truncated to uint8 as the network's output is,
+    and the interpolation error of the average rounded to the nearest level."""
+    psnrs, ssims, errors = [], [], []
     for truth_path in sorted(glob.glob(os.path.join(folder, '*', 'frame10i11.png'))):
         sequence = os.path.dirname(truth_path)
         one, two = (read(os.path.join(sequence, name)).astype(np.float64) for name in ('frame10.png', 'frame11.png'))
@@ -38,7 +39,8 @@ def blend_scores(folder):
         truth = read(truth_path)
         psnrs.append(skimage.metrics.peak_signal_noise_ratio(truth, blend, data_range=255))
         ssims.append(skimage.metrics.structural_similarity(truth, blend, data_range=255, channel_axis=2))
-    return np.mean(psnrs), np.mean(ssims)
+        errors.append(np.abs(np.round((one + two) / 2) - truth).mean())
+    return np.mean(psnrs), np.mean(ssims), np.mean(errors)
 
 
 def original_protocol(network, folder, padding):
@@ -67,15 +69,16 @@ def output_lines(capsys):
 def test_blend_on_middlebury(middlebury, tmp_path, capsys):
     path = tmp_path / 'blend.json'
     assert benchmark.main(['--data', middlebury, '--model', 'blend', '--json', str(path)]) == 0
-    psnr, ssim = blend_scores(middlebury)
+    psnr, ssim, ie = blend_scores(middlebury)
     out, err = output_lines(capsys)
-    assert out[-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}' == 'mean PSNR 28.02 SSIM 0.804'
-    assert err == []
+    assert out[-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f} IE {ie:.2f}' == 'mean PSNR 28.02 SSIM 0.804 IE 5.74'
+    assert not any('error' in line for line in err)
     results = json.loads(path.read_text())
     assert results['model'] == 'blend' and results['padding'] == 'paper'
     assert sorted(results['sequences']) == SEQUENCES
     assert results['mean'] == {'psnr': pytest.approx(psnr, abs=1e-9), 'ssim': pytest.approx(ssim, abs=1e-9),
-                               'blend_psnr': pytest.approx(psnr, abs=1e-9), 'blend_ssim': pytest.approx(ssim, abs=1e-9)}
+                               'ie': pytest.approx(ie, abs=1e-9), 'blend_psnr': pytest.approx(psnr, abs=1e-9),
+                               'blend_ssim': pytest.approx(ssim, abs=1e-9), 'blend_ie': pytest.approx(ie, abs=1e-9)}
     for row in results['sequences'].values():
         assert row['psnr'] == row['blend_psnr'] and row['ssim'] == row['blend_ssim']
     assert results['sequences']['RubberWhale']['psnr'] == pytest.approx(38.80, abs=0.005)
@@ -90,13 +93,14 @@ def test_random_weights_follow_the_original_protocol(middlebury, random_weights,
     assert benchmark.main(argv) == 0
     psnr, ssim = original_protocol(random_network, data / 'Venus', 'improved')
     out, _ = output_lines(capsys)
-    assert out[-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}'
+    assert out[-1].startswith(f'mean PSNR {psnr:.2f} SSIM {ssim:.3f} IE ')
     assert out[-2].split() == ['ours', 'l1/improved', f'{psnr:.2f}', f'{ssim:.3f}']
     results = json.loads(path.read_text())
     venus = results['sequences']['Venus']
     assert list(results['sequences']) == ['Venus'] and results['padding'] == 'improved'
     assert (venus['psnr'], venus['ssim']) == (pytest.approx(psnr, abs=1e-9), pytest.approx(ssim, abs=1e-9))
-    assert (venus['blend_psnr'], venus['blend_ssim']) == pytest.approx(blend_scores(data), abs=1e-9)
+    blend = (venus['blend_psnr'], venus['blend_ssim'], venus['blend_ie'])
+    assert blend == pytest.approx(blend_scores(data), abs=1e-9)
 
 
 def test_bf16_network(middlebury, random_weights, random_network, tmp_path, capsys, monkeypatch):
@@ -169,7 +173,8 @@ def test_download_middlebury_from_local_archives(fake_server, tmp_path, capsys):
 
     assert benchmark.main(['--data', str(target), '--model', 'blend']) == 0
     psnr, ssim = fake_scores()
-    assert output_lines(capsys)[0][-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f}' == 'mean PSNR 25.12 SSIM 0.892'
+    assert output_lines(capsys)[0][-1] == f'mean PSNR {psnr:.2f} SSIM {ssim:.3f} IE 15.00' == \
+        'mean PSNR 25.12 SSIM 0.892 IE 15.00'  # IE: |50 - 60| and |20 - 40|
 
 
 def test_incomplete_or_mixed_sequences_are_refused_before_any_inference(fake_server, tmp_path, monkeypatch, capsys):
@@ -194,7 +199,7 @@ def use_server(monkeypatch, cache, server):
 def test_main_downloads_when_the_cache_is_empty(fake_server, tmp_path, monkeypatch, capsys):
     use_server(monkeypatch, tmp_path / 'cache', fake_server)
     assert benchmark.main(['--model', 'blend']) == 0
-    assert output_lines(capsys)[0][-1] == 'mean PSNR 25.12 SSIM 0.892'
+    assert output_lines(capsys)[0][-1] == 'mean PSNR 25.12 SSIM 0.892 IE 15.00'
     assert (tmp_path / 'cache' / 'Beta' / 'frame10i11.png').is_file()
 
 
@@ -250,7 +255,7 @@ def test_missing_weights(tmp_path, capsys):
 
 
 def test_json_path_that_is_a_folder_fails_before_the_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    monkeypatch.setattr(benchmark, 'score_triplets', None)  # must not be reached
     assert benchmark.main(['--data', str(tmp_path), '--model', 'blend', '--json', str(tmp_path)]) == 2
     assert_one_error_line(capsys, 'output path is a directory')
 
@@ -272,7 +277,7 @@ def test_json_over_an_input_is_refused_before_any_work(tmp_path, random_weights,
     path = {'ground truth': data / 'Alpha' / 'frame10i11.png', 'a link to a frame': tmp_path / 'link.json',
             'weights': weights}[target]
     files = {file: file.read_bytes() for file in (*data.glob('*/*.png'), weights)}
-    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    monkeypatch.setattr(benchmark, 'score_triplets', None)  # must not be reached
     assert benchmark.main(['--data', str(data), '--weights', str(weights), '--json', str(path)]) == 2
     assert_one_error_line(capsys, f'output {path} would overwrite an input')
     assert {file: file.read_bytes() for file in files} == files and os.path.islink(tmp_path / 'link.json')
@@ -281,7 +286,7 @@ def test_json_over_an_input_is_refused_before_any_work(tmp_path, random_weights,
 def test_frames_too_small_for_ssim_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
     assert benchmark.main(['--data', str(fake_data(tmp_path / 'fits', size=(7, 7))), '--model', 'blend']) == 0
     capsys.readouterr()
-    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    monkeypatch.setattr(benchmark, 'score_triplets', None)  # must not be reached
     assert benchmark.main(['--data', str(fake_data(tmp_path / 'small', size=(9, 6))), '--model', 'blend']) == 2
     assert_one_error_line(capsys, 'Middlebury sequence Alpha has 9x6 frames; SSIM needs at least 7x7')
 
@@ -299,7 +304,8 @@ def test_equal_frames_give_strict_json_and_no_warning(tmp_path, capsys, recwarn)
     assert results['sequences']['Same']['ssim'] == 1.0
     assert results['sequences']['Beta']['psnr'] == pytest.approx(10 * math.log10(255 ** 2 / 20 ** 2))
     out, err = output_lines(capsys)
-    assert out[-1] == f'mean PSNR inf SSIM {(1 + 2 * fake_scores()[1]) / 3:.3f}' and err == [] and not recwarn.list
+    assert out[-1] == f'mean PSNR inf SSIM {(1 + 2 * fake_scores()[1]) / 3:.3f} IE 10.00' and not recwarn.list
+    assert not any('error' in line for line in err)
 
 
 def test_long_json_names(tmp_path, capsys, monkeypatch):
@@ -309,7 +315,7 @@ def test_long_json_names(tmp_path, capsys, monkeypatch):
     assert json.loads(legal.read_text())['model'] == 'blend'
     assert sorted(os.listdir(tmp_path)) == ['data', legal.name]
     capsys.readouterr()
-    monkeypatch.setattr(benchmark, 'evaluate', None)  # must not be reached
+    monkeypatch.setattr(benchmark, 'score_triplets', None)  # must not be reached
     for name, message in (('r' * 251 + '.json', 'output name is too long: 256 bytes, at most 255'),
                           ('', '--json path is empty')):
         assert benchmark.main(['--data', data, '--model', 'blend', '--json', str(tmp_path / name) if name else '']) == 2
@@ -341,5 +347,7 @@ def test_a_full_stdout_is_one_line_and_exit_2(tmp_path):
                                  str(tmp_path / 'r.json')], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
                                 timeout=120)
     assert result.returncode == 2
-    assert result.stderr == 'error: cannot write to standard output: No space left on device\n'
+    errors = [line for line in result.stderr.splitlines() if 'error' in line]  # after the progress bar
+    assert errors == ['error: cannot write to standard output: No space left on device']
+    assert result.stderr.endswith('device\n')
     assert json.loads((tmp_path / 'r.json').read_text())['model'] == 'blend'
