@@ -1,8 +1,10 @@
-"""Training data: videos and frame folders -> triplets -> cached patches -> a motion mix -> crops.
+"""Training data: videos, frame folders and triplet sets -> triplets -> cached patches -> a motion mix -> crops.
 
-Triplets (t-k, t, t+k) are cut as patches from every source, kept in proportion to their motion
-(large motion is rare in video), cached once per source, then drawn so that the batches follow a
-target histogram over motion buckets (--motion-mix), from exactly static to 16 px and more.
+Triplets (t-k, t, t+k) are cut as patches from every video and frame folder, kept in proportion to their
+motion (large motion is rare in video), cached once per source, then drawn so that the batches follow a
+target histogram over motion buckets (--motion-mix), from exactly static to 16 px and more. A triplet set
+(a Vimeo-90K root, or a folder of triplet folders) is too large to read up front: a probe of its triplets
+stands for it in the mix, and each draw reads a fresh triplet of the drawn motion bucket (TripletPatches).
 Synthetic layered motion, still triplets and opposite shifts complete what footage lacks."""
 import collections
 import hashlib
@@ -19,12 +21,15 @@ from tqdm import tqdm
 
 import video
 from cli import InputError, output, side_channel
+from datasets import training_triplets
 from files import check_folder, check_link, listing, write_stream
-from images import IMAGE_EXTENSIONS, frame_paths
+from images import IMAGE_EXTENSIONS, frame_paths, image_size, read_image
 from media import SCENE_CUT_THRESHOLD, scene_cut
 from video import VIDEO_EXTENSIONS
 
 CACHE_VERSION = 4  # bump when patch extraction (or the scene-cut test it uses) changes
+PROBE_TRIPLETS, PROBE_CROPS = 256, 4  # read up front from a triplet set: their candidates stand for the set
+FRESH_READS = 8  # triplets read at most to find a fresh one of the drawn motion bucket
 MOTION_EDGES = (1, 4, 8, 16)  # px between the first and last frame of a triplet
 MOTION_BUCKETS = ('lt1', '1to4', '4to8', '8to16', 'ge16')
 
@@ -32,7 +37,8 @@ MOTION_BUCKETS = ('lt1', '1to4', '4to8', '8to16', 'ge16')
 def add_arguments(parser):
     """train.py's options for the data."""
     group = parser.add_argument_group('data')
-    group.add_argument('--data', nargs='+', default=[], help='videos or folders of videos / of frames')
+    group.add_argument('--data', nargs='+', default=[], help='videos, folders of videos or of frames, Vimeo-90K '
+                       'roots (tri_trainlist.txt) or folders of triplet folders (three images each)')
     group.add_argument('--crop', type=int, default=128, help='training crop size')
     group.add_argument('--patch', type=int, default=150, help='size of the cached patches the crops come from')
     group.add_argument('--strides', type=int, nargs='+', default=(1, 2), help='triplets (t-k, t, t+k) for these k')
@@ -90,11 +96,13 @@ def check_arguments(args):
 
 
 def find_sources(paths):
-    """Video files and frame folders under `paths`."""
+    """Video files, frame folders and triplet sets under `paths`."""
     sources = []
     for path in paths:
         check_link(path)
         if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTENSIONS):
+            sources.append(path)
+        elif triplet_set(path) is not None:
             sources.append(path)
         elif os.path.isdir(path):
             entries = [os.path.join(path, name) for name in listing(path, 'data folder')]
@@ -196,9 +204,14 @@ def extract_patches(frames, args, rng):
 
 
 def fingerprint(source):
-    """SHA-1 of a video's bytes, or of a frame folder's frames (names and bytes): the same key wherever and
-    whenever the source was copied, and a new one whenever a frame changes."""
+    """SHA-1 of a video's bytes, of a frame folder's frames (names and bytes), or of a triplet set's file names
+    and sizes (its bytes would take minutes to read): the same key wherever and whenever the source was copied,
+    and a new one whenever a frame changes (or, in a triplet set, changes size)."""
     digest, folder = hashlib.sha1(), os.path.isdir(source)
+    if (triplets := triplet_set(source)) is not None:
+        for path in (path for triplet in triplets for path in triplet):
+            digest.update(f'{os.path.relpath(path, source)}:{os.path.getsize(path)};'.encode())
+        return digest.hexdigest()
     for path in frame_paths(source) if folder else [source]:
         if folder:
             digest.update(f'{os.path.basename(path)}:{os.path.getsize(path)};'.encode())
@@ -208,18 +221,96 @@ def fingerprint(source):
     return digest.hexdigest()
 
 
+def read_triplet(paths, patch):
+    """3 x H x W x 3 uint8 frames of a triplet; None where they differ in size or are smaller than `patch`."""
+    frames = [read_image(path) for path in paths]
+    if len({frame.shape for frame in frames}) > 1 or min(frames[0].shape[:2]) < patch:
+        return None
+    return np.stack(frames)
+
+
+def random_patch(frames, patch, rng):
+    y, x = (rng.integers(0, size - patch + 1) for size in frames.shape[1:3])
+    return y, x, frames[:, y:y + patch, x:x + patch]
+
+
+def probe_triplets(triplets, args, rng):
+    """Candidates (triplet index, y, x) and their motions from PROBE_TRIPLETS triplets drawn at random, PROBE_CROPS
+    places each, kept with keep_probability as a clip's are."""
+    candidates, motions = [], []
+    for index in sorted(rng.choice(len(triplets), min(PROBE_TRIPLETS, len(triplets)), replace=False)):
+        frames = read_triplet(triplets[index], args.patch)
+        for _ in range(PROBE_CROPS if frames is not None else 0):
+            y, x, patch = random_patch(frames, args.patch, rng)
+            motion = patch_motion(patch[0], patch[2])
+            if rng.random() < keep_probability(motion, args) and len(candidates) < args.max_per_video:
+                candidates.append((index, y, x)), motions.append(motion)
+    return np.array(candidates, np.int64).reshape(-1, 3), np.array(motions, np.float32)
+
+
+class TripletPatches:
+    """The patches of a triplet set, read when used. Entry i is candidate i of the probe (the same pixels every
+    time, for validation and synthetic textures); fresh(i, rng) is a patch of a triplet drawn from the whole
+    set, at a random place, in the motion bucket of candidate i: drawing candidates by the motion mix then
+    draws the whole set by it. Triplets whose frames differ in size, or are smaller than a patch, are passed over."""
+
+    def __init__(self, triplets, candidates, motions, patch, crops):
+        self.triplets, self.candidates, self.motions = triplets, candidates, motions
+        self.patch, self.crops = patch, crops
+
+    def __len__(self):
+        return len(self.candidates)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TripletPatches(self.triplets, self.candidates[index], self.motions[index], self.patch, self.crops)
+        triplet, y, x = self.candidates[index]
+        return read_triplet(self.triplets[triplet], self.patch)[:, y:y + self.patch, x:x + self.patch]
+
+    def fresh(self, index, rng):
+        bucket, found = motion_bucket(self.motions[index]), None
+        for _ in range(FRESH_READS):
+            frames = read_triplet(self.triplets[rng.integers(len(self.triplets))], self.patch)
+            for _ in range(self.crops if frames is not None else 0):
+                found = random_patch(frames, self.patch, rng)[2]
+                if motion_bucket(patch_motion(found[0], found[2])) == bucket:
+                    return found
+        return self[index] if found is None else found
+
+
+def triplet_set(source):
+    """The triplets of a triplet set (datasets.training_triplets), None for a video or frame folder."""
+    return training_triplets(source) if os.path.isdir(source) else None
+
+
+def cached_triplets(triplets, path, motion_path, content, args):
+    """TripletPatches and the probe's motions of a triplet set, probed once into args.cache."""
+    if not os.path.exists(path):
+        candidates, motions = probe_triplets(triplets, args, np.random.default_rng([args.seed, int(content[:8], 16)]))
+        for target, array in ((motion_path, motions), (path, candidates)):  # candidates last: they mark completion
+            write_stream(target, lambda file: np.save(file, array))
+    motions = np.load(motion_path)
+    return TripletPatches(triplets, np.load(path), motions, args.patch, args.crops), motions
+
+
 def cache_paths(source, args):
-    """The patches' and the motions' files of one source in args.cache, and the source's fingerprint."""
+    """The patches' (a triplet set's candidates') and the motions' files of one source in args.cache, and the
+    source's fingerprint."""
     content = fingerprint(source)
     key = json.dumps([CACHE_VERSION, SCENE_CUT_THRESHOLD, content, args.patch, args.strides,
                       args.motion_scale, args.static_keep, args.crops, args.max_per_video, args.seed])
     name = f'{os.path.basename(source.rstrip("/"))}-{hashlib.sha1(key.encode()).hexdigest()[:12]}'
+    if triplet_set(source) is not None:
+        name += f'-{PROBE_TRIPLETS}x{PROBE_CROPS}-triplets'
     return (*(os.path.join(args.cache, f'{name}{suffix}.npy') for suffix in ('', '-motion')), content)
 
 
 def cached_patches(source, args, paths=None):
-    """Patches and motions of one source, extracted once into args.cache, memory-mapped after that."""
+    """Patches and motions of one source, extracted once into args.cache, memory-mapped after that; for a
+    triplet set, its TripletPatches."""
     path, motion_path, content = paths or cache_paths(source, args)
+    if (triplets := triplet_set(source)) is not None:
+        return cached_triplets(triplets, path, motion_path, content, args)
     if not os.path.exists(path):
         rng = np.random.default_rng([args.seed, int(content[:8], 16)])
         patches, motions = extract_patches(read_frames(source), args, rng)
@@ -309,9 +400,10 @@ class Triplets(torch.utils.data.Dataset):
 
     With augmentation, sample k is: for all k < synthetic_until and a `synthetic` share of the rest,
     synthetic_triplet; for a `still` share, one patch's middle frame three times (nothing moves: the
-    answer is the input); otherwise a patch drawn with `weights` (uniform if None), cropped where, for a
-    `shift_share` of samples, one and two are cut up to `shift` px apart in opposite directions (extra
-    global motion; the middle stays exact). Then flips, rot90 and temporal order. Without
+    answer is the input); otherwise a patch drawn with `weights` (uniform if None; for a triplet set's, a
+    fresh patch of its motion bucket, see TripletPatches), cropped where, for a `shift_share` of samples,
+    one and two are cut up to `shift` px apart in opposite directions (extra global motion; the middle
+    stays exact). Then flips, rot90 and temporal order. Without
     augmentation, sample k is patch k's centre crop. With `flows`, a fourth tensor holds middle_flows,
     the kernels' targets. Everything follows from (seed, k): resuming is exact."""
 
@@ -332,8 +424,13 @@ class Triplets(torch.utils.data.Dataset):
 
     def draw(self, rng):
         if self.cumulative is None:
-            return self.patch(rng.integers(len(self)))
-        return self.patch(min(len(self) - 1, int(np.searchsorted(self.cumulative, rng.random(), side='right'))))
+            index = rng.integers(len(self))
+        else:
+            index = min(len(self) - 1, int(np.searchsorted(self.cumulative, rng.random(), side='right')))
+        source = np.searchsorted(self.offsets, index, side='right') - 1
+        if isinstance(self.arrays[source], TripletPatches):  # a triplet set: a fresh triplet of the same motion
+            return self.arrays[source].fresh(index - self.offsets[source], rng)
+        return self.patch(index)
 
     def crop_at(self, triplet, rng, shift):
         room = triplet.shape[1] - self.crop
@@ -388,7 +485,9 @@ def motion_table(motions, weights=None):
 
 
 def frame_size(source):
-    """(width, height) of a source's frames."""
+    """(width, height) of a source's frames (a triplet set's first)."""
+    if (triplets := triplet_set(source)) is not None:
+        return image_size(triplets[0][0])
     clip = video.FrameSource(source)
     return clip.width, clip.height
 

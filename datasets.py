@@ -4,12 +4,14 @@ A frame is an image path, or (video path, frame number from 1) for the Xiph clip
 files. Every reader checks its whole set before any work: a listed file that is missing, a list that names
 nothing and frames of different sizes within a triplet are errors, never a smaller set."""
 import collections
+import functools
 import os
 
 import cv2
 
 from cli import InputError
-from images import image_size, natural_key, read_image
+from files import listing
+from images import frame_paths, image_size, natural_key, read_image
 from metrics import SSIM_WINDOW, VOLUME_WINDOW
 from video import FrameSource
 
@@ -58,6 +60,29 @@ def vimeo90k(root):
         _check_files(files, f'{listing} line {number}')
         triplets.append(Triplet(words[0], files[0], files[1], files[2]))
     return triplets
+
+
+@functools.lru_cache(maxsize=8)
+def training_triplets(root):
+    """(first, middle, last) image paths of a Vimeo-90K root (from its tri_trainlist.txt; every file is there, none
+    is read yet) or of a folder of triplet folders (three images each, in name order); None for a folder that is
+    neither."""
+    if os.path.isfile(os.path.join(root, 'tri_trainlist.txt')):
+        listing, lines = _list_lines(root, 'tri_trainlist.txt')
+        triplets = []
+        for number, words in lines:
+            triplets.append(tuple(os.path.join(root, 'sequences', words[0], f'im{index}.png') for index in (1, 2, 3)))
+            _check_files(triplets[-1], f'{listing} line {number}')
+        return tuple(triplets)
+    folders = [os.path.join(root, name) for name in sorted(listing(root, 'data folder'), key=natural_key)]
+    if not folders or not all(os.path.isdir(folder) for folder in folders):
+        return None
+    triplets = []
+    for folder in folders:
+        if len(images := frame_paths(folder)) != 3:
+            return None
+        triplets.append(tuple(images))
+    return tuple(triplets)
 
 
 def _folders(root, layout):

@@ -4,6 +4,7 @@
     python train.py --loss lf --init weights/network-l1.safetensors --vgg-weights vgg19.pth --out runs/lf
     torchrun --nproc_per_node=8 train.py ...            # DistributedDataParallel
     python train.py --export runs/l1/ckpt.pt weights/network-l1.safetensors
+    python train.py --config paper                      # a named run from configs/ (train_config.py)
 """
 import contextlib
 import csv
@@ -29,6 +30,7 @@ from data import MOTION_BUCKETS, StepBatches, load_data, motion_bucket
 from model import KERNEL_SIZE, OPTIONS, Network, check_weights, keep_freed_memory, load_network, options_metadata
 from plot import plot_log
 from precision import CHOICES as PRECISIONS, native as native_precision, resolve as resolve_precision
+from train_config import config_arguments
 from vgg import feature_loss, load_vgg
 
 HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
@@ -84,8 +86,11 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, default=2, help='data-loading processes (0: load in the main one)')
     p.add_argument('--seed', type=int, default=0, help='random seed')
     p.add_argument('--export', nargs=2, metavar=('CKPT', 'SAFETENSORS'), help='write fp16 weights and exit')
+    p.add_argument('--config', metavar='NAME[:STEP]', help='options of a named run, configs/NAME.toml (its first '
+                   'step, or STEP); options given here win')
     data.add_arguments(p)
-    return p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return p.parse_args(config_arguments(p, argv) + argv)
 
 
 # ---------------------------------------------------------------------------------------------
