@@ -210,14 +210,14 @@ def inputs(args, triplets, extra=()):
 
 
 def epilog():
-    lines = ['Sets (--dataset), their layout under --data, and their protocol:']
-    for benchmark in BENCHMARKS.values():
-        lines.append(f'  {benchmark.name}: {benchmark.layout}')
-        lines.append(f'      {PROTOCOLS[benchmark.rounding]}; {PROTOCOLS[benchmark.ssim]}'
-                     + ('; also the interpolation error (IE), mean |round(estimate) - truth| in levels'
-                        if benchmark is MIDDLEBURY else ''))
-    lines += ['Frames are padded to the sizes the network needs as in run.py (--padding), and the output cropped '
-              'back.',
+    lines = ['Sets (--dataset) and their layout under --data:']
+    lines += [f'  {benchmark.name:<17} {benchmark.layout}' for benchmark in BENCHMARKS.values()]
+    lines.append('Protocols, per triplet, then the mean:')
+    for protocol in (('truncate', 'skimage'), ('round', 'volume')):
+        names = [name for name, benchmark in BENCHMARKS.items() if (benchmark.rounding, benchmark.ssim) == protocol]
+        lines.append(f"  {', '.join(names)}: {PROTOCOLS[protocol[0]]}; {PROTOCOLS[protocol[1]]}")
+    lines += ['  middlebury also: the interpolation error (IE), mean |round(estimate) - truth| in levels',
+              'Frames are padded to the sizes the network needs as in run.py (--padding), the output cropped back.',
               'Defaults differ from the original benchmark (l1 with improved padding): paper padding, as published; '
               '--padding improved gives its setting.']
     return '\n'.join(lines)
