@@ -251,8 +251,9 @@ def probe_triplets(triplets, args, rng):
 class TripletPatches:
     """The patches of a triplet set, read when used. Entry i is candidate i of the probe (the same pixels every
     time, for validation and synthetic textures); fresh(i, rng) is a patch of a triplet drawn from the whole
-    set, at a random place, in the motion bucket of candidate i: drawing candidates by the motion mix then
-    draws the whole set by it. Triplets whose frames differ in size, or are smaller than a patch, are passed over."""
+    set, at a random place, in the motion bucket of candidate i (the last one tried if FRESH_READS triplets
+    hold none): drawing candidates by the motion mix then draws the whole set by it. Triplets whose frames
+    differ in size, or are smaller than a patch, are passed over."""
 
     def __init__(self, triplets, candidates, motions, patch, crops):
         self.triplets, self.candidates, self.motions = triplets, candidates, motions
