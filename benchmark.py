@@ -259,7 +259,7 @@ def find_triplets(args):
         data = path_argument('--data', args.data)
         triplets = benchmark.find(data)[:args.limit]
         check_sizes(benchmark, triplets)
-        extra = [os.path.join(data, name) for name in os.listdir(data) if name.endswith('.txt')]  # the lists
+        extra = [os.path.join(data, name) for name in listing(data, 'folder') if name.endswith('.txt')]  # the lists
     return benchmark, triplets[:args.limit], extra
 
 

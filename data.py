@@ -496,6 +496,7 @@ def frame_size(source):
 def load_data(args, is_main, flows=False):
     """(training Triplets, with middle_flows if `flows`; validation Triplets; the validation patches' motions).
     A cache that patches must go to but cannot is refused before any extraction."""
+    training_triplets.cache_clear()  # triplet sets as they are now, listed once for all that follows
     sources, held_out = find_sources(args.data), find_sources(args.val_data)
     if not sources:
         raise InputError('no training videos or frame folders given (--data)')

@@ -10,7 +10,7 @@ import os
 import cv2
 
 from cli import InputError
-from files import listing
+from files import check_link, listing
 from images import frame_paths, image_size, natural_key, read_image
 from metrics import SSIM_WINDOW, VOLUME_WINDOW
 from video import FrameSource
@@ -34,6 +34,7 @@ def _missing(path, where):
 
 def _check_files(paths, where):
     for path in paths:
+        check_link(path)
         if not os.path.isfile(path):
             raise _missing(path, where)
 
@@ -44,8 +45,11 @@ def _list_lines(root, name):
         raise InputError(f'not a folder: {root}' if os.path.exists(root) else f'no such folder: {root}')
     if not os.path.isfile(path):
         raise InputError(f'no {name} in {root}')
-    with open(path, encoding='utf-8', errors='replace') as file:
-        lines = [(number, line.split()) for number, line in enumerate(file, 1) if line.strip()]
+    try:
+        with open(path, encoding='utf-8', errors='replace') as file:
+            lines = [(number, line.split()) for number, line in enumerate(file, 1) if line.strip()]
+    except OSError as error:
+        raise InputError(f'cannot read {path}: {error.strerror}') from None
     if not lines:
         raise InputError(f'{path} lists no triplets')
     return path, lines
@@ -62,17 +66,17 @@ def vimeo90k(root):
     return triplets
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=None)  # data.load_data clears it: each load lists the sets once
 def training_triplets(root):
     """(first, middle, last) image paths of a Vimeo-90K root (from its tri_trainlist.txt; every file is there, none
     is read yet) or of a folder of triplet folders (three images each, in name order); None for a folder that is
     neither."""
     if os.path.isfile(os.path.join(root, 'tri_trainlist.txt')):
-        listing, lines = _list_lines(root, 'tri_trainlist.txt')
+        list_path, lines = _list_lines(root, 'tri_trainlist.txt')
         triplets = []
         for number, words in lines:
             triplets.append(tuple(os.path.join(root, 'sequences', words[0], f'im{index}.png') for index in (1, 2, 3)))
-            _check_files(triplets[-1], f'{listing} line {number}')
+            _check_files(triplets[-1], f'{list_path} line {number}')
         return tuple(triplets)
     folders = [os.path.join(root, name) for name in sorted(listing(root, 'data folder'), key=natural_key)]
     if not folders or not all(os.path.isdir(folder) for folder in folders):
@@ -90,7 +94,7 @@ def _folders(root, layout):
     if not os.path.isdir(root):
         raise InputError(f'not a folder: {root}' if os.path.exists(root) else f'no such folder: {root}')
     found = []
-    for name in sorted(os.listdir(root), key=natural_key):
+    for name in sorted(listing(root, 'folder'), key=natural_key):
         files = [os.path.join(root, name, file) for file in layout]
         present = [os.path.isfile(path) for path in files]
         if all(present):

@@ -106,6 +106,8 @@ def test_broken_vimeo_trees_are_refused_before_any_work(vimeo, capsys, monkeypat
     (vimeo / 'sequences/00002/0007/im3.png').unlink()
     assert refused(capsys, *argv) == (f'no {vimeo}/sequences/00002/0007/im3.png '
                                       f'({vimeo}/tri_testlist.txt line 3)')
+    os.symlink(vimeo / 'gone.png', vimeo / 'sequences/00002/0007/im3.png')
+    assert refused(capsys, *argv) == f'{vimeo}/sequences/00002/0007/im3.png is a dangling link (to {vimeo}/gone.png)'
     (vimeo / 'tri_testlist.txt').write_text('\n\n')
     assert refused(capsys, *argv) == f'{vimeo}/tri_testlist.txt lists no triplets'
     (vimeo / 'tri_testlist.txt').unlink()
