@@ -60,7 +60,7 @@ def add_arguments(parser):
                                                                       'layered motion')
     group.add_argument('--synthetic-steps', type=int, default=400, help='first steps on synthetic layered motion '
                                                                          'alone (they teach the heads motion before '
-                                                                         'real footage, see train.init_weights)')
+                                                                         'real footage, see network_setup.init_weights)')
     group.add_argument('--max-per-video', type=int, default=2000, help='patches kept per video at most')
     group.add_argument('--val-data', nargs='+', default=[], help='videos or folders held out for validation')
     group.add_argument('--extract-workers', type=int, default=1, help='processes extracting patches from the videos')

@@ -7,8 +7,6 @@
     python train.py --config paper                      # a named run from configs/ (train_config.py)
 """
 import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -22,23 +20,20 @@ from tqdm import tqdm
 
 import cli
 from benchmark import evaluate, find_sequences, mean
-from cli import ArgumentParser, InputError, reason
-from files import (append, check_not_an_input, check_writable, is_within, lock, resolve, write_file,
-                   write_stream)
+from checkpoints import (check_resumed_options, export, load_checkpoint, log_line, read_checkpoint, read_log,
+                         save_checkpoint, write_log)
+from cli import ArgumentParser, InputError
+from files import append, check_not_an_input, check_writable, is_within, lock, resolve, write_file
 import data
 from data import MOTION_BUCKETS, StepBatches, load_data, motion_bucket
-from model import KERNEL_SIZE, OPTIONS, Network, check_weights, keep_freed_memory, load_network, options_metadata
+from model import KERNEL_SIZE, Network, keep_freed_memory, load_network
+from network_setup import (HeadMonitor, KernelUnitReLU, init_weights, leak_where_kernels_are_constant, network_options,
+                           parameter_groups, with_options)
 from plot import plot_log
 from precision import CHOICES as PRECISIONS, native as native_precision, resolve as resolve_precision
 from train_config import config_arguments
 from vgg import feature_loss, load_vgg
 
-HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
-TYPICAL_MEAN, TYPICAL_DEVIATION = 0.5, 0.25  # of frames in [0, 1]; the training clips: 0.51 and 0.23 (see with_options)
-LOG_COLUMNS = ('step', 'loss', 'blend_loss', 'ratio', 'kernel_target_loss', 'alive_vertical1', 'alive_horizontal1',
-               'alive_vertical2', 'alive_horizontal2', 'constant_pixels', 'kernel_spread', 'samples_per_s', 'val_psnr',
-               'val_blend_psnr', 'middlebury_psnr', 'middlebury_blend_psnr', 'middlebury_worst_gain') + tuple(
-               f'val_{kind}psnr_{bucket}' for bucket in MOTION_BUCKETS for kind in ('', 'blend_'))
 
 
 def parse_args(argv=None):
@@ -91,214 +86,6 @@ def parse_args(argv=None):
     data.add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     return p.parse_args(config_arguments(p, argv) + argv)
-
-
-# ---------------------------------------------------------------------------------------------
-# Network initialisation, diagnostics, checkpoints
-
-HEADS = ('netVertical1', 'netHorizontal1', 'netVertical2', 'netHorizontal2')
-
-
-def init_weights(network):
-    """Start at the blend of the two frames with every unit alive and every kernel input-dependent.
-    He-normal convolutions (PyTorch's default shrinks activations ~3x per layer: after 20 layers every
-    pixel gets the same kernels). Each head's final layer starts at zero weights and a centre
-    tap of sqrt(0.5) (sqrt(0.5)^2 per frame = the blend); its last ReLU layer starts with a positive
-    bias (HEAD_BIAS), as its inputs are all non-negative: Adamax moves all 576 weights of a unit in the
-    same direction, and a unit pushed below zero everywhere never recovers (see HEAD_LR_SCALE)."""
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity='relu')
-            torch.nn.init.zeros_(module.bias)
-    for name in HEADS:
-        head = getattr(network, name)
-        with torch.no_grad():
-            head[4].bias.fill_(HEAD_BIAS)
-            head[-1].weight.zero_()
-            head[-1].bias[head[-1].bias.numel() // 2] = math.sqrt(0.5)
-
-
-def parameter_groups(network):
-    """Adamax groups: the last two layers of each kernel head learn at HEAD_LR_SCALE times the rate
-    of the rest. Adamax moves every weight by about lr per step, and these layers sum ~500
-    non-negative inputs, so one step moves a kernel tap or a ReLU input by ~250 lr: at lr 1e-3 the
-    kernels blow up in the first steps and the ReLUs before them die, never to recover."""
-    fine = {id(p) for name in HEADS for layer in (4, 7) for p in getattr(network, name)[layer].parameters()}
-    return [{'params': [p for p in network.parameters() if id(p) not in fine], 'lr_scale': 1.0},
-            {'params': [p for p in network.parameters() if id(p) in fine], 'lr_scale': HEAD_LR_SCALE}]
-
-
-class _KernelUnitReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, slope, where):
-        ctx.save_for_backward(x, where)
-        ctx.slope = slope
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, where = ctx.saved_tensors
-        constant = (x <= 0).all(1, keepdim=True) & where  # every unit off: the pixel's kernel is the head's bias
-        return torch.where(x > 0, grad, grad.clamp(max=0) * constant * ctx.slope), None, None
-
-
-class KernelUnitReLU(torch.nn.Module):
-    """The kernel heads' last ReLU, with a gradient where it has none. Those 51 units per head are what makes
-    a pixel's kernels depend on the input, and L1 training leaves them all negative where little moves: in
-    the small-motion run's step-1000 weights, on 98.8 % of Middlebury's RubberWhale, where every pixel got the
-    heads' biases as kernels (the blend) and nothing could learn, neither the frame's loss nor the
-    kernel targets. Where every unit of a head is off, this passes each unit slope times the part of its
-    gradient that says "turn on"; elsewhere it is a ReLU. With min_motion > 0, only where the batch's
-    optical flow (self.flows, set by training_step) moves more than min_motion px towards either frame:
-    where nothing moves the bias is the right kernel. The forward pass is a ReLU: the network computes
-    the same function and its state dict is the same."""
-
-    def __init__(self, slope, min_motion=0.0):
-        super().__init__()
-        self.slope, self.min_motion, self.flows = slope, min_motion, None
-
-    def forward(self, x):
-        where = torch.ones_like(x[:, :1], dtype=torch.bool)
-        if self.training and self.min_motion > 0 and self.flows is not None:  # gated by the pixels it covers
-            moving = (self.flows.abs().amax(1, keepdim=True) > self.min_motion).float()
-            where = torch.nn.functional.adaptive_max_pool2d(moving, x.shape[-2:]) > 0
-        return _KernelUnitReLU.apply(x, self.slope, where)
-
-
-def leak_where_kernels_are_constant(network, slope, min_motion=0.0):
-    if slope > 0:
-        for name in HEADS:
-            getattr(network, name)[5] = KernelUnitReLU(slope, min_motion)
-
-
-class HeadMonitor:
-    """Forward hooks that record, per kernel head, the share of its last ReLU's outputs that are alive
-    (> 0), the share of pixels where they are all off (the kernels there are the head's bias, whatever the
-    input), and the kernels' standard deviation across pixels: a head that stops adapting to the input
-    shows as alive -> 0, constant pixels -> 1 or spread -> 0 long before the loss says anything."""
-
-    def __init__(self, network):
-        self.alive, self.constant, self.spread = {}, {}, {}
-        for name in HEADS:
-            head = getattr(network, name)
-            head[5].register_forward_hook(self.recorder(self.alive, name, lambda out: (out > 0).float().mean()))
-            head[5].register_forward_hook(self.recorder(self.constant, name,
-                                                        lambda out: (out <= 0).all(1).float().mean()))
-            head[-1].register_forward_hook(self.recorder(self.spread, name, lambda out: out.float().std((2, 3)).mean()))
-
-    @staticmethod
-    def recorder(store, name, statistic):
-        def hook(module, inputs, output):
-            store[name] = statistic(output.detach())
-        return hook
-
-    def read(self):
-        return {f'alive_{name[3:].lower()}': float(self.alive[name]) for name in HEADS} | {
-                'constant_pixels': sum(float(self.constant[name]) for name in HEADS) / len(HEADS),
-                'kernel_spread': sum(float(self.spread[name]) for name in HEADS) / len(HEADS)}
-
-
-def network_options(config):
-    """The network options a run's arguments (or a checkpoint's config) turn on."""
-    return tuple(name for name in OPTIONS if config.get(name))
-
-
-def with_options(network, options, source):
-    """A Network with `options` and the weights of `network` (read from `source`), starting near its output: a
-    PReLU added starts at slope 0, the ReLU; input normalization added gets a first layer that computes on
-    normalized frames what the old one computed on frames of typical mean and deviation (fold_statistics)."""
-    if set(network.options) - set(options):
-        raise InputError(f"{source} was trained with {', '.join(network.options)}: pass the same options "
-                         f"(--{' --'.join(name.replace('_', '-') for name in network.options)})")
-    built = Network(**dict.fromkeys(options, True))
-    built.load_state_dict(network.state_dict(), strict=False)  # only the new slopes are missing
-    if 'input_normalization' in options and 'input_normalization' not in network.options:
-        fold_statistics(built.netConv1[0])
-    return built
-
-
-def fold_statistics(conv, mean=TYPICAL_MEAN, deviation=TYPICAL_DEVIATION):
-    """conv(x) = conv'((x - mean) / deviation) away from the zero-padded border: weights times deviation,
-    bias plus mean times the weights' sum. Without it, weights trained on frames in [0, 1] see inputs of
-    mean 0 and deviation 1, and the warm start begins at 20 times the blend's loss."""
-    with torch.no_grad():
-        conv.bias += mean * conv.weight.sum((1, 2, 3))
-        conv.weight *= deviation
-
-
-def check_resumed_options(state, args, source):
-    if network_options(state['config']) != network_options(vars(args)):
-        raise InputError(f"{source} was trained with network options ({', '.join(network_options(state['config'])) or 'none'}) "
-                         f"other than these ({', '.join(network_options(vars(args))) or 'none'})")
-
-
-def save_checkpoint(path, network, optimizer, step, args):
-    state = {'model': network.state_dict(), 'optimizer': optimizer.state_dict(), 'step': step,
-             'config': vars(args), 'rng': {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
-                                           'python': random.getstate(),
-                                           'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-    write_stream(path, lambda file: torch.save(state, file))
-
-
-def read_checkpoint(path, resume=True):
-    """A checkpoint validated whole before any work: its weights (those of the network, finite), step and
-    loss, and to `resume` it also its optimizer state and random number generators' states."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as error:  # any bytes reach the unpickler
-        raise InputError(f'{path} is not a train.py checkpoint: {reason(error)}') from None
-    if not isinstance(state, dict) or not {'model', 'optimizer', 'step', 'config', 'rng'} <= state.keys():
-        raise InputError(f'{path} is not a train.py checkpoint')
-    if not isinstance(state['model'], dict) or not all(isinstance(v, torch.Tensor) for v in state['model'].values()):
-        raise InputError(f'{path} is not a train.py checkpoint: its model is not a state dict of tensors')
-    if type(state['step']) is not int or state['step'] < 0 or not isinstance(state['config'], dict) \
-            or state['config'].get('loss') not in ('l1', 'lf'):
-        raise InputError(f'{path} is not a train.py checkpoint: no step and loss')
-    network = Network(**dict.fromkeys(network_options(state['config']), True))
-    check_weights(state['model'], path, network)
-    if resume:
-        try:
-            load_checkpoint(state, network, None, into_a_copy=True)
-        except Exception as error:  # what a checkpoint of another version or a damaged one raises varies
-            raise InputError(f'{path} cannot be resumed: {type(error).__name__}: {reason(error)}') from None
-    return state
-
-
-def load_checkpoint(state, network, optimizer, into_a_copy=False):
-    """Restore the network, the optimizer and the random number generators (into_a_copy: into new ones, to
-    try a checkpoint without changing anything)."""
-    network.load_state_dict(state['model'])
-    optimizer = optimizer or torch.optim.Adamax(parameter_groups(network))
-    optimizer.load_state_dict(state['optimizer'])
-    for parameter in network.parameters():
-        for key, value in optimizer.state.get(parameter, {}).items():
-            if key != 'step' and value.shape != parameter.shape:
-                raise ValueError("the optimizer's state does not fit the network")
-            if not torch.isfinite(value).all():
-                raise ValueError(f"the optimizer's {key} is not finite")
-    rng = state['rng']
-    if into_a_copy:
-        torch.Generator().set_state(rng['torch'])
-        np.random.RandomState().set_state(rng['numpy'])
-        random.Random().setstate(rng['python'])
-        return state['step']
-    torch.set_rng_state(rng['torch'])
-    np.random.set_state(rng['numpy'])
-    random.setstate(rng['python'])
-    if rng['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    return state['step']
-
-
-def export(checkpoint, target):
-    import safetensors.torch
-    state = read_checkpoint(checkpoint, resume=False)
-    weights = {k: v.half().contiguous() for k, v in state['model'].items()}
-    options = network_options(state['config'])
-    check_weights(weights, checkpoint, Network(**dict.fromkeys(options, True)))  # fp16 ends at 65504
-    metadata = {'step': str(state['step']), 'loss': state['config']['loss'], **options_metadata(options)}
-    write_stream(target, lambda file: file.write(safetensors.torch.save(weights, metadata=metadata)))
-    cli.output(f"wrote {target} (step {state['step']}, {len(weights)} tensors, fp16)", result=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,35 +284,6 @@ def train(args, resumed=None, vgg=None):
         progress.close()
     if distributed:
         torch.distributed.destroy_process_group()
-
-
-def read_log(path):
-    """The rows of a log.csv (none where there is none), their steps as numbers; one that is not a training
-    log is refused."""
-    if not os.path.exists(path):
-        return []
-    try:
-        with open(path, newline='') as file:
-            rows = list(csv.DictReader(file))
-        for row in rows:
-            row['step'] = int(row['step'])
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as error:
-        raise InputError(f'{path} is not a training log ({type(error).__name__}: {reason(error)}): move it '
-                         'away, or give another --out') from None
-    return rows
-
-
-def write_log(path, rows):
-    with open(path, 'w', newline='') as file:
-        writer = csv.DictWriter(file, LOG_COLUMNS, extrasaction='ignore')
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def log_line(row):
-    line = io.StringIO()
-    csv.DictWriter(line, LOG_COLUMNS).writerow(row)
-    return line.getvalue()
 
 
 def check_args(args):

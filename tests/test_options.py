@@ -8,6 +8,7 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
+import network_setup
 import train
 from cli import InputError
 from images import read_image
@@ -28,7 +29,7 @@ def random_pair(height=6, width=7, size=5, seed=0, dtype=torch.float64):
 def scaled_heads(network, factor):
     """The same network with every kernel multiplied by factor (the heads end in a convolution)."""
     with torch.no_grad():
-        for name in train.HEADS:
+        for name in network_setup.HEADS:
             last = getattr(network, name)[-1]
             last.weight.mul_(factor)
             last.bias.mul_(factor)
@@ -109,7 +110,7 @@ def test_input_normalization_filters_the_frames_themselves():
     kernels are centre taps come back as they are."""
     network = Network(input_normalization=True).eval()
     with torch.no_grad():
-        for name in train.HEADS:
+        for name in network_setup.HEADS:
             last = getattr(network, name)[-1]
             last.weight.zero_()
             last.bias.zero_()
@@ -124,7 +125,7 @@ def test_prelu_heads_with_slope_zero_are_the_relu_to_the_bit():
     faithful = Network().eval()
     prelu = Network(head_prelu=True).eval()
     missing, unexpected = prelu.load_state_dict(faithful.state_dict(), strict=False)
-    assert sorted(missing) == sorted(f'{name}.5.weight' for name in train.HEADS) and not unexpected
+    assert sorted(missing) == sorted(f'{name}.5.weight' for name in network_setup.HEADS) and not unexpected
     one, two = torch.rand(2, 1, 3, 64, 64).unbind()
     with torch.no_grad():
         assert torch.equal(prelu(one, two), faithful(one, two))
@@ -186,7 +187,7 @@ def test_options_round_trip_through_export_load_and_resume(frames_dir, tmp_path,
 
 def test_a_faithful_init_starts_prelu_heads_at_its_output(random_weights):
     faithful = load_network(weights=random_weights)
-    network = train.with_options(faithful, ('head_prelu',), random_weights).eval()
+    network = network_setup.with_options(faithful, ('head_prelu',), random_weights).eval()
     one, two = torch.rand(2, 1, 3, 64, 64).unbind()
     with torch.no_grad():
         assert torch.equal(network(one, two), faithful(one, two))
@@ -194,7 +195,7 @@ def test_a_faithful_init_starts_prelu_heads_at_its_output(random_weights):
 
 def test_input_normalization_added_to_trained_weights_starts_near_their_output(random_weights):
     faithful = load_network(weights=random_weights)
-    network = train.with_options(faithful, ('input_normalization',), random_weights).eval()
+    network = network_setup.with_options(faithful, ('input_normalization',), random_weights).eval()
     frame = torch.rand(2, 3, 64, 64)
     one, two = (0.25 * (x - x.mean()) / x.std(unbiased=False) + 0.5 for x in frame[:, None])
     with torch.no_grad():

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import network_setup
 import benchmark
 import benchmark_speed
 import media
@@ -91,7 +93,7 @@ def test_a_refused_output_is_one_line_before_any_notice(tmp_path, random_weights
 def test_a_checkpoint_or_a_multi_page_tiff_says_what_to_do(tmp_path, frames, capsys):
     network = Network()
     args = train.parse_args(['--out', str(tmp_path)])
-    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), network, torch.optim.Adamax(network.parameters()), 1, args)
+    checkpoints.save_checkpoint(str(tmp_path / 'ckpt.pt'), network, torch.optim.Adamax(network.parameters()), 1, args)
     code, err = call(['--one', f'{frames}/f0.png', '--two', f'{frames}/f1.png', '--out', tmp_path / 'o.png',
                       '--weights', tmp_path / 'ckpt.pt'], capsys)
     assert (code, err) == (2, f'error: {tmp_path}/ckpt.pt is a train.py checkpoint, not weights: export them with '
@@ -220,8 +222,8 @@ def test_weights_that_are_not_a_regular_file(tmp_path, frames, capsys):
 
 def test_an_export_goes_through_a_link_but_never_onto_its_checkpoint(tmp_path, capsys):
     network = Network()
-    optimizer = torch.optim.Adamax(train.parameter_groups(network))
-    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), network, optimizer, 1, train.parse_args(['--out', str(tmp_path)]))
+    optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
+    checkpoints.save_checkpoint(str(tmp_path / 'ckpt.pt'), network, optimizer, 1, train.parse_args(['--out', str(tmp_path)]))
     os.symlink('real.safetensors', tmp_path / 'w.safetensors')
     os.symlink('ckpt.pt', tmp_path / 'c.safetensors')
     assert train.main(['--export', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'w.safetensors')]) == 0
@@ -229,4 +231,4 @@ def test_an_export_goes_through_a_link_but_never_onto_its_checkpoint(tmp_path, c
     capsys.readouterr()
     assert train.main(['--export', str(tmp_path / 'ckpt.pt'), str(tmp_path / 'c.safetensors')]) == 2
     assert 'would overwrite an input' in capsys.readouterr().err
-    assert train.read_checkpoint(str(tmp_path / 'ckpt.pt'))['step'] == 1
+    assert checkpoints.read_checkpoint(str(tmp_path / 'ckpt.pt'))['step'] == 1

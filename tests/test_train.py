@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import network_setup
 import data
 import precision
 import sepconv
@@ -22,10 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_training_starts_at_the_blend_and_reduces_the_loss():
     torch.manual_seed(0)
     network = Network()
-    train.init_weights(network)
+    network_setup.init_weights(network)
     frames = moving_pattern(frames=3, size=32, speed=2)
     batch = [torch.from_numpy(f[..., ::-1].copy()).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1) / 255 for f in frames]
-    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
     steps = [train.training_step(network, None, optimizer, batch, 1e-3 * min(1, (step + 1) / 20), precision='fp32')
              for step in range(40)]
     losses, blend = [loss.item() for loss, *_ in steps], steps[0][1].item()
@@ -50,9 +52,9 @@ def test_training_on_layered_motion_learns_input_dependent_kernels():
     smooth = lambda x: np.asarray(Image.fromarray(x).resize((48, 48), Image.BILINEAR))
     textures = [smooth(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(16)]
     network = Network()
-    train.init_weights(network)
-    monitor = train.HeadMonitor(network)
-    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    network_setup.init_weights(network)
+    monitor = network_setup.HeadMonitor(network)
+    optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
     for step in range(80):
         train.training_step(network, None, optimizer, layered_batch(textures, 8, step), 1e-3 * min(1, (step + 1) / 10))
     one, middle, two = layered_batch(textures, 16, seed=10_000)  # held out
@@ -173,19 +175,19 @@ def test_two_process_gloo_training(frames_dir, tmp_path):
 
 def test_a_checkpoint_that_cannot_be_written_leaves_the_last_one_whole(tmp_path, monkeypatch):
     network = Network()
-    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
     args = train.parse_args(['--out', str(tmp_path)])
     path = str(tmp_path / 'ckpt.pt')
-    train.save_checkpoint(path, network, optimizer, 7, args)
+    checkpoints.save_checkpoint(path, network, optimizer, 7, args)
 
     def full_disk(state, file):
         file.write(b'half a checkpoint')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', full_disk)
     with pytest.raises(train.InputError, match='No space left on device'):
-        train.save_checkpoint(path, network, optimizer, 8, args)
+        checkpoints.save_checkpoint(path, network, optimizer, 8, args)
     monkeypatch.undo()
-    assert train.read_checkpoint(path)['step'] == 7 and os.listdir(tmp_path) == ['ckpt.pt']
+    assert checkpoints.read_checkpoint(path)['step'] == 7 and os.listdir(tmp_path) == ['ckpt.pt']
 
 
 def tent(offsets):
@@ -242,11 +244,11 @@ def test_a_training_step_adds_the_kernel_target_loss():
     for kernel_target in (0.0, 1.0):
         torch.manual_seed(0)
         network = Network()
-        train.init_weights(network)
+        network_setup.init_weights(network)
         with torch.no_grad():
             frame, kernels = network(one, two, with_kernels=True)
             assert torch.equal(frame, network(one, two)) and len(kernels) == 4
-        optimizer = torch.optim.Adamax(train.parameter_groups(network))
+        optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
         loss, _, target = train.training_step(network, None, optimizer, (one, middle, two, flows), 1e-4,
                                               precision='fp32', kernel_target=kernel_target)
         assert loss.item() == pytest.approx((frame - middle).abs().mean().item(), rel=1e-5)
@@ -261,7 +263,7 @@ def test_a_training_step_adds_the_kernel_target_loss():
 
 def test_the_kernel_unit_relu_leaks_only_where_every_unit_is_off_and_only_upwards():
     x = torch.tensor([[-1.0, 2.0], [-1.0, -3.0], [-0.5, -2.0]]).view(1, 3, 2, 1).requires_grad_()  # 3 units, 2 pixels
-    y = train.KernelUnitReLU(0.01)(x)
+    y = network_setup.KernelUnitReLU(0.01)(x)
     assert torch.equal(y, torch.relu(x.detach()))
     y.backward(torch.tensor([[-1.0, -1.0], [1.0, -2.0], [-4.0, 3.0]]).view(1, 3, 2, 1))
     # pixel 0, all off: the 'turn on' part of each gradient, scaled; pixel 1: unit 0 is on, a plain ReLU
@@ -270,7 +272,7 @@ def test_the_kernel_unit_relu_leaks_only_where_every_unit_is_off_and_only_upward
 
 def test_the_kernel_unit_relu_leaks_only_where_the_flow_moves_given_min_motion():
     x = torch.full((1, 3, 2, 2), -1.0, requires_grad=True)  # 3 units, 2 x 2 pixels, all off
-    relu = train.KernelUnitReLU(0.5, min_motion=0.3)
+    relu = network_setup.KernelUnitReLU(0.5, min_motion=0.3)
     flows = torch.zeros(1, 4, 4, 4)  # full resolution, twice the units'
     flows[0, 3, 0, 1] = 0.4  # one pixel of the top-left unit moves 0.4 px towards frame two
     flows[0, 0, 3, 3] = -0.2  # under min_motion: the bottom-right unit stays still
@@ -292,21 +294,21 @@ def test_kernel_units_off_everywhere_learn_to_turn_on():
     for slope in (0.0, 0.01):
         torch.manual_seed(0)
         network = Network()
-        train.init_weights(network)
-        for name in train.HEADS:
+        network_setup.init_weights(network)
+        for name in network_setup.HEADS:
             torch.nn.init.constant_(getattr(network, name)[4].bias, -100.0)
             torch.nn.init.normal_(getattr(network, name)[-1].weight, std=1e-3)  # trained: not zero
-        train.leak_where_kernels_are_constant(network, slope)
-        monitor = train.HeadMonitor(network)
+        network_setup.leak_where_kernels_are_constant(network, slope)
+        monitor = network_setup.HeadMonitor(network)
         output = network(one, two)
         (output - middle).abs().mean().backward()
         assert monitor.read()['constant_pixels'] == 1
         outputs.append(output.detach())
-        gradients.append(torch.stack([getattr(network, name)[4].bias.grad for name in train.HEADS]))
+        gradients.append(torch.stack([getattr(network, name)[4].bias.grad for name in network_setup.HEADS]))
     assert torch.equal(outputs[0], outputs[1])
     assert gradients[0].abs().max() == 0
     assert gradients[1].max() <= 0 and gradients[1].min() < 0  # descent raises them: on, never further off
-    assert isinstance(network.netVertical1[5], train.KernelUnitReLU)
+    assert isinstance(network.netVertical1[5], network_setup.KernelUnitReLU)
     assert set(network.state_dict()) == set(Network().state_dict())
 
 

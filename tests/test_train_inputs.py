@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import checkpoints
+import network_setup
 import benchmark
 import cli
 import data
@@ -35,9 +37,9 @@ def checkpoint(tmp_path_factory):
     """A checkpoint of a fresh network, as train.py writes it before the first step."""
     torch.manual_seed(0)
     network = Network()
-    train.init_weights(network)
+    network_setup.init_weights(network)
     path = str(tmp_path_factory.mktemp('ckpt') / 'ckpt.pt')
-    train.save_checkpoint(path, network, torch.optim.Adamax(train.parameter_groups(network)), 3,
+    checkpoints.save_checkpoint(path, network, torch.optim.Adamax(network_setup.parameter_groups(network)), 3,
                           train.parse_args(['--out', os.path.dirname(path)]))
     return path
 
@@ -86,14 +88,14 @@ def test_training_stops_at_a_non_finite_loss_keeping_the_last_good_checkpoint(fr
     code, err = call(run_args(frames_dir, tmp_path, out, 4), capsys)
     assert code == 2
     one_error(err, f'step 3: the loss is not finite (nan); training stopped, {out / "ckpt.pt"} keeps step 2')
-    state = train.read_checkpoint(str(out / 'ckpt.pt'))  # finite weights, or read_checkpoint refuses them
+    state = checkpoints.read_checkpoint(str(out / 'ckpt.pt'))  # finite weights, or read_checkpoint refuses them
     assert state['step'] == 2 and [line.split(',')[0] for line in (out / 'log.csv').read_text().splitlines()] == [
         'step', '1', '2']
 
 
 def test_a_step_with_a_non_finite_loss_is_not_taken():
     network = Network()
-    optimizer = torch.optim.Adamax(train.parameter_groups(network))
+    optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
     before = [p.detach().clone() for p in network.parameters()]
     batch = [torch.rand(1, 3, 32, 32) for _ in range(3)]
     batch[0][0, 0, 0, 0] = math.inf
@@ -172,8 +174,8 @@ def test_a_checkpoint_whose_optimizer_state_is_not_finite_is_not_resumed(tmp_pat
                                           'exp_inf': torch.zeros_like(weight)}
     path = changed(checkpoint, tmp_path, moments)
     with pytest.raises(train.InputError, match="cannot be resumed: ValueError: the optimizer's exp_avg is not finite"):
-        train.read_checkpoint(str(path))
-    assert train.read_checkpoint(str(path), resume=False)['step'] == 3  # its weights still export
+        checkpoints.read_checkpoint(str(path))
+    assert checkpoints.read_checkpoint(str(path), resume=False)['step'] == 3  # its weights still export
 
 
 @pytest.mark.parametrize('content', [b'step,loss\nabc,0.5\n', b'\x00\xff\xfe\x00binary', b'loss\n0.5\n'])
@@ -263,21 +265,21 @@ def test_a_report_that_cannot_be_printed_never_stops_training_or_an_export(frame
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert err.count('notice: standard output lost (No space left on device); going on without it\n') == 2, err
-    assert train.read_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 2
+    assert checkpoints.read_checkpoint(str(tmp_path / 'run' / 'ckpt.pt'))['step'] == 2
     assert (tmp_path / 'w.safetensors').stat().st_size > 0 and os.listdir(tmp_path / 'cache')
 
 
 FULL_DISK = """
-import resource, signal, sys, torch, train
+import checkpoints, network_setup, resource, signal, sys, torch, train
 from model import Network
 network = Network()
-optimizer = torch.optim.Adamax(train.parameter_groups(network))
+optimizer = torch.optim.Adamax(network_setup.parameter_groups(network))
 args = train.parse_args(['--out', sys.argv[1]])
-train.save_checkpoint(sys.argv[1] + '/ckpt.pt', network, optimizer, 1, args)
+checkpoints.save_checkpoint(sys.argv[1] + '/ckpt.pt', network, optimizer, 1, args)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk
 try:
-    train.save_checkpoint(sys.argv[1] + '/ckpt.pt', network, optimizer, 2, args)
+    checkpoints.save_checkpoint(sys.argv[1] + '/ckpt.pt', network, optimizer, 2, args)
 except train.InputError as error:
     print(error)
 sys.exit(train.main(['--export', sys.argv[1] + '/ckpt.pt', sys.argv[1] + '/w.safetensors']))
@@ -291,7 +293,7 @@ def test_a_full_disk_is_one_line_for_checkpoints_and_exports(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stdout == f'cannot write {tmp_path}/ckpt.pt: File too large\n'
     assert result.stderr == f'error: cannot write {tmp_path}/w.safetensors: File too large\n'
-    assert os.listdir(tmp_path) == ['ckpt.pt'] and train.read_checkpoint(str(tmp_path / 'ckpt.pt'))['step'] == 1
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and checkpoints.read_checkpoint(str(tmp_path / 'ckpt.pt'))['step'] == 1
 
 
 def test_progress_and_errors_keep_to_their_own_lines(capsys):

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import run
-import train
+import network_setup
 from benchmark import evaluate, mean
 from images import read_image as read
 from model import interpolate, load_network, weights_path
@@ -45,7 +45,7 @@ def test_bundled_weights_beat_the_blend_with_live_heads(middlebury, tmp_path):
     for name in MOVING:
         os.symlink(os.path.join(middlebury, name), tmp_path / name)
     network = load_network('l1')
-    monitor = train.HeadMonitor(network)
+    monitor = network_setup.HeadMonitor(network)
     results = evaluate(network, str(tmp_path))
     assert mean(results, 'psnr') - mean(results, 'blend_psnr') > MARGIN_DB, results
     alive = [value for key, value in monitor.read().items() if key.startswith('alive')]
