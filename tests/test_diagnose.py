@@ -10,9 +10,9 @@ import diagnose
 from model import Network
 
 
-def blend_network():
+def blend_network(**options):
     """Every head's kernel is the centre tap sqrt(0.5), whatever the input: 0.5 * one + 0.5 * two."""
-    network = Network().eval()
+    network = Network(**options).eval()
     with torch.no_grad():
         for name in diagnose.HEADS:
             last = getattr(network, name)[-1]
