@@ -451,7 +451,7 @@ class VideoWriter:
         if path.lower().endswith(('.mp4', '.mov')):
             command += ['-movflags', '+faststart']
         self._log = tempfile.TemporaryFile()
-        # A session of its own keeps Ctrl-C from reaching ffmpeg, which would then finish the file itself.
+        # A process group of its own keeps Ctrl-C from reaching ffmpeg, which would then finish the file itself.
         self._process = subprocess.Popen(command + [f'file:{self.temporary}'], stdin=subprocess.PIPE,
                                          stdout=subprocess.DEVNULL, stderr=self._log, start_new_session=True,
                                          pass_fds=source.fds if source else ())
