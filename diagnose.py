@@ -4,6 +4,7 @@ frames given back, identical frames of noise, and a black and a white frame.
 
     python diagnose.py [--weights FILE] [--data ../shared/data/middlebury] [--device auto|cpu|cuda]
 """
+import contextlib
 import json
 import sys
 
@@ -14,28 +15,34 @@ import cli
 from benchmark import evaluate, find_sequences, mean
 from cli import ArgumentParser
 from images import read_image
+from metrics import psnr as exact_psnr
 from model import DEVICES, interpolate, load_network, resolve_device
-
-HEADS = ('netVertical1', 'netHorizontal1', 'netVertical2', 'netHorizontal2')
+from network_setup import HEADS
 
 
 def psnr(truth, estimate):
-    mse = np.mean((truth.astype(np.float64) - estimate) ** 2)
-    return 100.0 if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
+    """metrics.psnr, 100 dB for equal images (a number JSON can hold)."""
+    return min(exact_psnr(truth, estimate), 100.0)
 
 
-def constant_share(network, one, two):
-    """Share of output pixels (mean over the four heads) where every unit of a head's last activation
-    before the upsampling is <= 0, on the pair one, two."""
-    shares, hooks = [], []
+@contextlib.contextmanager
+def constant_shares(network):
+    """A list that receives, for every head at every call of the network, the share of pixels where every
+    unit of the head's last activation before the upsampling is <= 0."""
+    shares = []
     record = lambda module, inputs, output: shares.append(float((output <= 0).all(1).float().mean()))
-    for name in HEADS:
-        hooks.append(getattr(network, name)[5].register_forward_hook(record))
+    hooks = [getattr(network, name)[5].register_forward_hook(record) for name in HEADS]
     try:
-        interpolate(one, two, network)
+        yield shares
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def constant_share(network, one, two):
+    """The share of output pixels, mean over the four heads, with every unit off, on the pair one, two."""
+    with constant_shares(network) as shares:
+        interpolate(one, two, network)
     return float(np.mean(shares))
 
 
@@ -43,20 +50,20 @@ def diagnose(network, data):
     """A dict of figures: Middlebury mean, its blend, the worst sequence's gain over its blend, every
     sequence's PSNR and gain, the constant-kernel share on Middlebury, identical frames (the lowest PSNR
     over the sequences' first frames), identical noise, and the grey of a black and a white frame."""
-    results = evaluate(network, data)
+    with constant_shares(network) as shares:  # recorded while the benchmark runs the network
+        results = evaluate(network, data)
     gains = {name: row['psnr'] - row['blend_psnr'] for name, row in results.items()}
     figures = {'middlebury_psnr': mean(results, 'psnr'), 'middlebury_ssim': mean(results, 'ssim'),
                'blend_psnr': mean(results, 'blend_psnr'), 'worst_gain': min(gains.values()),
                'worst_sequence': min(gains, key=gains.get),
                'sequences': {name: {'psnr': row['psnr'], 'gain': gains[name]} for name, row in results.items()}}
-    constant, identical = [], {}
-    for name, first, second, _ in find_sequences(data):
-        one, two = read_image(first), read_image(second)
-        constant.append(constant_share(network, one, two))
+    identical = {}
+    for name, first, _, _ in find_sequences(data):
+        one = read_image(first)
         identical[name] = psnr(one, interpolate(one, one, network))
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     black, white = np.zeros((128, 128, 3), np.uint8), np.full((128, 128, 3), 255, np.uint8)
-    figures |= {'constant_pixels': float(np.mean(constant)), 'identical_min': min(identical.values()),
+    figures |= {'constant_pixels': float(np.mean(shares)), 'identical_min': min(identical.values()),
                 'identical_worst': min(identical, key=identical.get), 'identical': identical,
                 'identical_noise': psnr(noise, interpolate(noise, noise, network)),
                 'black_white_grey': float(interpolate(black, white, network).mean() / 255)}
