@@ -1,6 +1,7 @@
 """What a set of weights does beside its Middlebury mean: the share of pixels whose kernels are the heads'
 bias (every unit of a head's last activation off, so the kernels do not depend on the input), identical
-frames given back, identical frames of noise, and a black and a white frame.
+frames given back, frames moved by a known whole number of pixels, identical frames of noise, and a
+black and a white frame.
 
     python diagnose.py [--weights FILE] [--data ../shared/data/middlebury] [--device auto|cpu|cuda]
 """
@@ -16,7 +17,7 @@ from benchmark import evaluate, find_sequences, mean
 from cli import ArgumentParser
 from images import read_image
 from metrics import psnr as exact_psnr
-from model import DEVICES, interpolate, load_network, resolve_device
+from model import DEVICES, KERNEL_SIZE, interpolate, load_network, network_input, resolve_device
 from network_setup import HEADS
 
 
@@ -46,6 +47,33 @@ def constant_share(network, one, two):
     return float(np.mean(shares))
 
 
+SHIFTS = (1, 2)  # px each frame of a shifted pair is moved from the middle, in opposite directions
+
+
+def shifted_pair(frame, shift):
+    """(one, middle, two): crops of an H x W x 3 frame, one `shift` px left of the middle crop and two `shift`
+    px right of it: a uniform horizontal motion of 2 * shift px, every pixel of the middle known."""
+    width = frame.shape[1]
+    crop = lambda start: np.ascontiguousarray(frame[:, start:start + width - 2 * shift])
+    return crop(0), crop(shift), crop(2 * shift)
+
+
+def followed_share(network, one, two, shift):
+    """How far the horizontal kernels follow the motion of a shifted_pair: the mean over pixels of each frame's
+    kernel taps times their offsets, over the mean of its taps (the kernels' centroid), divided by the offset
+    where the middle's content sits in that frame (+shift in one, -shift in two). 0: the kernels stay at the
+    pixel, as the blend's do; 1: they follow the motion."""
+    height, width = one.shape[:2]
+    tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float().div(255)
+    first, second, border, size = network_input(tensor(one), tensor(two), 'paper')
+    with torch.no_grad():
+        _, (_, horizontal1, _, horizontal2) = network(first, second, size, with_kernels=True)
+    offsets = torch.arange(KERNEL_SIZE, dtype=torch.float32).view(1, -1, 1, 1) - KERNEL_SIZE // 2
+    centroid = lambda kernel: float((kernel.float() * offsets).sum(1).mean() / kernel.float().sum(1).mean())
+    inside = lambda kernel: kernel[..., border:border + height, border:border + width]
+    return (centroid(inside(horizontal1)) - centroid(inside(horizontal2))) / (2 * shift)
+
+
 def diagnose(network, data):
     """A dict of figures: Middlebury mean, its blend, the worst sequence's gain over its blend, every
     sequence's PSNR and gain, the constant-kernel share on Middlebury, identical frames (the lowest PSNR
@@ -57,25 +85,34 @@ def diagnose(network, data):
                'blend_psnr': mean(results, 'blend_psnr'), 'worst_gain': min(gains.values()),
                'worst_sequence': min(gains, key=gains.get),
                'sequences': {name: {'psnr': row['psnr'], 'gain': gains[name]} for name, row in results.items()}}
-    identical = {}
+    identical, shifted = {}, {shift: {'gain': [], 'followed': []} for shift in SHIFTS}
     for name, first, _, _ in find_sequences(data):
         one = read_image(first)
         identical[name] = psnr(one, interpolate(one, one, network))
+        for shift in SHIFTS:
+            left, middle, right = shifted_pair(one, shift)
+            blend = ((left.astype(np.float32) + right) / 2).astype(np.uint8)
+            shifted[shift]['gain'].append(psnr(middle, interpolate(left, right, network)) - psnr(middle, blend))
+            shifted[shift]['followed'].append(followed_share(network, left, right, shift))
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     black, white = np.zeros((128, 128, 3), np.uint8), np.full((128, 128, 3), 255, np.uint8)
     figures |= {'constant_pixels': float(np.mean(shares)), 'identical_min': min(identical.values()),
                 'identical_worst': min(identical, key=identical.get), 'identical': identical,
+                'shifted': {f'{2 * shift}px': {key: float(np.mean(values)) for key, values in rows.items()}
+                            for shift, rows in shifted.items()},
                 'identical_noise': psnr(noise, interpolate(noise, noise, network)),
                 'black_white_grey': float(interpolate(black, white, network).mean() / 255)}
     return figures
 
 
 def summary_line(figures):
+    shifted = ', '.join(f"{motion} {row['gain']:+.2f} dB over the blend, followed {row['followed']:.0%}"
+                        for motion, row in figures['shifted'].items())
     return (f"Middlebury {figures['middlebury_psnr']:.2f} dB (blend {figures['blend_psnr']:.2f}; worst "
             f"{figures['worst_sequence']} {figures['worst_gain']:+.2f}) | constant kernels "
             f"{figures['constant_pixels']:.1%} | identical frames >= {figures['identical_min']:.1f} dB "
-            f"({figures['identical_worst']}), noise {figures['identical_noise']:.1f} dB | black+white "
-            f"{figures['black_white_grey']:.3f}")
+            f"({figures['identical_worst']}), noise {figures['identical_noise']:.1f} dB | shifted {shifted} | "
+            f"black+white {figures['black_white_grey']:.3f}")
 
 
 def main(argv=None):

@@ -2,12 +2,13 @@
 answer is known (the blend, whatever the input)."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import diagnose
-from model import Network
+from model import Network, interpolate
 
 
 def blend_network(**options):
@@ -46,3 +47,33 @@ def test_the_blend_is_diagnosed_as_the_blend(middlebury, tmp_path):
     assert figures['identical_min'] == figures['identical_noise'] == 100.0
     assert figures['black_white_grey'] == pytest.approx(0.5, abs=0.6 / 255)
     assert figures['constant_pixels'] == 0.0  # default init: units on; the kernels ignore them all the same
+    assert set(figures['shifted']) == {f'{2 * shift}px' for shift in diagnose.SHIFTS}
+    for row in figures['shifted'].values():
+        assert row['gain'] == pytest.approx(0.0, abs=0.2) and row['followed'] == pytest.approx(0.0, abs=1e-5)
+    assert 'shifted 2px +0.0' in diagnose.summary_line(figures)
+
+
+def shifting_network(shift):
+    """Constant kernels that sample one `shift` px to the right and two `shift` px to the left of each pixel:
+    the exact middle of diagnose.shifted_pair(frame, shift), whatever the frame."""
+    network = blend_network()
+    with torch.no_grad():
+        for name, tap in (('netHorizontal1', 25 + shift), ('netHorizontal2', 25 - shift)):
+            last = getattr(network, name)[-1]
+            last.bias.zero_()
+            last.bias[tap] = 0.5 ** 0.5
+    return network
+
+
+@pytest.mark.parametrize('shift', diagnose.SHIFTS)
+def test_shifted_pairs_tell_kernels_that_follow_the_motion_from_the_blend(middlebury, shift):
+    frame = np.asarray(Image.open(os.path.join(middlebury, 'Urban2', 'frame10.png')).convert('RGB'))[:64, :100]
+    one, middle, two = diagnose.shifted_pair(frame, shift)
+    assert one.shape == middle.shape == two.shape == (64, 100 - 2 * shift, 3)
+    assert np.array_equal(one[:, shift:], middle[:, :-shift]) and np.array_equal(two[:, :-shift], middle[:, shift:])
+    following, blend = shifting_network(shift), blend_network()
+    with torch.no_grad():
+        assert diagnose.followed_share(following, one, two, shift) == pytest.approx(1.0, abs=1e-5)
+        assert diagnose.followed_share(blend, one, two, shift) == pytest.approx(0.0, abs=1e-5)
+        estimate = interpolate(one, two, following)[:, shift:-shift].astype(int)
+    assert np.abs(estimate - middle[:, shift:-shift]).max() <= 1
