@@ -7,7 +7,7 @@ import torch
 from cli import InputError
 from model import OPTIONS, Network
 
-HEAD_BIAS, HEAD_LR_SCALE, SLOPE_LR_SCALE = 1.0, 0.1, 10.0  # see init_weights and parameter_groups
+HEAD_BIAS, HEAD_LR_SCALE = 1.0, 0.1  # see init_weights and parameter_groups
 TYPICAL_MEAN, TYPICAL_DEVIATION = 0.5, 0.25  # of frames in [0, 1]; the training clips: 0.51 and 0.23 (see with_options)
 HEADS = ('netVertical1', 'netHorizontal1', 'netVertical2', 'netHorizontal2')
 
@@ -35,18 +35,10 @@ def parameter_groups(network):
     """Adamax groups: the last two layers of each kernel head learn at HEAD_LR_SCALE times the rate
     of the rest. Adamax moves every weight by about lr per step, and these layers sum ~500
     non-negative inputs, so one step moves a kernel tap or a ReLU input by ~250 lr: at lr 1e-3 the
-    kernels blow up in the first steps and the ReLUs before them die, never to recover.
-    The heads' PReLU slopes (head_prelu), a group of their own where there are any, learn at
-    SLOPE_LR_SCALE times the rate: they start at 0 and pass gradients to off units in proportion to
-    their size, and at lr 1e-4 they had moved by at most 0.003 after 300 steps."""
-    heads = [getattr(network, name) for name in HEADS]
-    fine = {id(p) for head in heads for layer in (4, 7) for p in head[layer].parameters()}
-    slopes = {id(head[5].weight) for head in heads if isinstance(head[5], torch.nn.PReLU)}
-    groups = [{'params': [p for p in network.parameters() if id(p) not in fine | slopes], 'lr_scale': 1.0},
-              {'params': [p for p in network.parameters() if id(p) in fine], 'lr_scale': HEAD_LR_SCALE}]
-    if slopes:
-        groups.append({'params': [p for p in network.parameters() if id(p) in slopes], 'lr_scale': SLOPE_LR_SCALE})
-    return groups
+    kernels blow up in the first steps and the ReLUs before them die, never to recover."""
+    fine = {id(p) for name in HEADS for layer in (4, 7) for p in getattr(network, name)[layer].parameters()}
+    return [{'params': [p for p in network.parameters() if id(p) not in fine], 'lr_scale': 1.0},
+            {'params': [p for p in network.parameters() if id(p) in fine], 'lr_scale': HEAD_LR_SCALE}]
 
 
 class _KernelUnitReLU(torch.autograd.Function):

@@ -201,23 +201,3 @@ def test_input_normalization_added_to_trained_weights_starts_near_their_output(r
         unfolded.load_state_dict(faithful.state_dict())
         error = lambda net: (net(one, two) - faithful(one, two)).abs().mean()
         assert error(network) < 0.1 * error(unfolded)
-
-
-@pytest.mark.parametrize('prelu', [False, True])
-def test_prelu_slopes_learn_faster_than_the_rest(prelu):
-    network = Network(head_prelu=prelu)
-    groups = network_setup.parameter_groups(network)
-    assert sum(len(group['params']) for group in groups) == len(list(network.parameters()))
-    slopes = [group for group in groups if group['lr_scale'] == network_setup.SLOPE_LR_SCALE]
-    if not prelu:
-        assert slopes == [] and len(groups) == 2
-        return
-    assert len(slopes) == 1 and {id(p) for p in slopes[0]['params']} == \
-        {id(getattr(network, name)[5].weight) for name in network_setup.HEADS}
-    for group in groups:
-        group['lr'] = 1e-4 * group['lr_scale']
-    optimizer = torch.optim.Adamax(groups)
-    for p in network.parameters():
-        p.grad = torch.ones_like(p)
-    optimizer.step()
-    torch.testing.assert_close(network.netVertical1[5].weight, torch.full((51,), -1e-4 * network_setup.SLOPE_LR_SCALE))
