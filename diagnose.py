@@ -58,20 +58,22 @@ def shifted_pair(frame, shift):
     return crop(0), crop(shift), crop(2 * shift)
 
 
-def followed_share(network, one, two, shift):
-    """How far the horizontal kernels follow the motion of a shifted_pair: the mean over pixels of each frame's
-    kernel taps times their offsets, over the mean of its taps (the kernels' centroid), divided by the offset
-    where the middle's content sits in that frame (+shift in one, -shift in two). 0: the kernels stay at the
-    pixel, as the blend's do; 1: they follow the motion."""
+def followed_share(network, one, middle, two, shift):
+    """How far the horizontal kernels follow the motion of a shifted_pair: each frame's kernel centroid (the
+    taps times their offsets over the taps, each summed over pixels weighted by the middle's horizontal
+    gradient, where following matters), over the offset where the middle's content sits in that frame
+    (+shift in one, -shift in two). 0: the kernels stay on the pixel, as the blend's do; 1: they follow."""
     height, width = one.shape[:2]
     tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float().div(255)
     first, second, border, size = network_input(tensor(one), tensor(two), 'paper')
     with torch.no_grad():
         _, (_, horizontal1, _, horizontal2) = network(first, second, size, with_kernels=True)
-    offsets = torch.arange(KERNEL_SIZE, dtype=torch.float32).view(1, -1, 1, 1) - KERNEL_SIZE // 2
-    centroid = lambda kernel: float((kernel.float() * offsets).sum(1).mean() / kernel.float().sum(1).mean())
-    inside = lambda kernel: kernel[..., border:border + height, border:border + width]
-    return (centroid(inside(horizontal1)) - centroid(inside(horizontal2))) / (2 * shift)
+    texture = torch.from_numpy(np.abs(np.gradient(middle.astype(np.float32).mean(2), axis=1)))
+    offsets = torch.arange(KERNEL_SIZE, dtype=torch.float32).view(-1, 1, 1) - KERNEL_SIZE // 2
+    def centroid(kernel):
+        kernel = kernel[0, :, border:border + height, border:border + width].float() * texture
+        return float((kernel * offsets).sum() / kernel.sum())
+    return (centroid(horizontal1) - centroid(horizontal2)) / (2 * shift)
 
 
 def diagnose(network, data):
@@ -93,7 +95,7 @@ def diagnose(network, data):
             left, middle, right = shifted_pair(one, shift)
             blend = ((left.astype(np.float32) + right) / 2).astype(np.uint8)
             shifted[shift]['gain'].append(psnr(middle, interpolate(left, right, network)) - psnr(middle, blend))
-            shifted[shift]['followed'].append(followed_share(network, left, right, shift))
+            shifted[shift]['followed'].append(followed_share(network, left, middle, right, shift))
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     black, white = np.zeros((128, 128, 3), np.uint8), np.full((128, 128, 3), 255, np.uint8)
     figures |= {'constant_pixels': float(np.mean(shares)), 'identical_min': min(identical.values()),
@@ -106,7 +108,7 @@ def diagnose(network, data):
 
 
 def summary_line(figures):
-    shifted = ', '.join(f"{motion} {row['gain']:+.2f} dB over the blend, followed {row['followed']:.0%}"
+    shifted = ', '.join(f"{motion} {row['gain']:+.2f} dB over the blend, followed {row['followed']:.1%}"
                         for motion, row in figures['shifted'].items())
     return (f"Middlebury {figures['middlebury_psnr']:.2f} dB (blend {figures['blend_psnr']:.2f}; worst "
             f"{figures['worst_sequence']} {figures['worst_gain']:+.2f}) | constant kernels "

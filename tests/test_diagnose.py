@@ -73,7 +73,7 @@ def test_shifted_pairs_tell_kernels_that_follow_the_motion_from_the_blend(middle
     assert np.array_equal(one[:, shift:], middle[:, :-shift]) and np.array_equal(two[:, :-shift], middle[:, shift:])
     following, blend = shifting_network(shift), blend_network()
     with torch.no_grad():
-        assert diagnose.followed_share(following, one, two, shift) == pytest.approx(1.0, abs=1e-5)
-        assert diagnose.followed_share(blend, one, two, shift) == pytest.approx(0.0, abs=1e-5)
+        assert diagnose.followed_share(following, one, middle, two, shift) == pytest.approx(1.0, abs=1e-5)
+        assert diagnose.followed_share(blend, one, middle, two, shift) == pytest.approx(0.0, abs=1e-5)
         estimate = interpolate(one, two, following)[:, shift:-shift].astype(int)
     assert np.abs(estimate - middle[:, shift:-shift]).max() <= 1
