@@ -16,8 +16,8 @@ import cli
 from benchmark import evaluate, find_sequences, mean
 from cli import ArgumentParser
 from images import read_image
-from metrics import psnr as exact_psnr
-from model import DEVICES, KERNEL_SIZE, interpolate, load_network, network_input, resolve_device
+from metrics import psnr as exact_psnr, quantise
+from model import DEVICES, KERNEL_SIZE, interpolate, load_network, resolve_device
 from network_setup import HEADS
 
 
@@ -58,28 +58,43 @@ def shifted_pair(frame, shift):
     return crop(0), crop(shift), crop(2 * shift)
 
 
-def followed_share(network, one, middle, two, shift):
-    """How far the horizontal kernels follow the motion of a shifted_pair: each frame's kernel centroid (the
-    taps times their offsets over the taps, each summed over pixels weighted by the middle's horizontal
-    gradient, where following matters), over the offset where the middle's content sits in that frame
-    (+shift in one, -shift in two). 0: the kernels stay on the pixel, as the blend's do; 1: they follow."""
+@contextlib.contextmanager
+def horizontal_kernels(network):
+    """A dict that receives, at every call of the network, each frame's horizontal kernels by head name."""
+    kernels = {}
+    record = lambda name: lambda module, inputs, output: kernels.__setitem__(name, output.detach())
+    hooks = [getattr(network, name)[-1].register_forward_hook(record(name))
+             for name in ('netHorizontal1', 'netHorizontal2')]
+    try:
+        yield kernels
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def follow(network, one, middle, two, shift):
+    """The network's middle frame of a shifted_pair, and how far its horizontal kernels follow the motion:
+    each frame's kernel centroid (the taps times their offsets over the taps, each summed over pixels
+    weighted by the middle's horizontal gradient, where following matters), over the offset where the
+    middle's content sits in that frame (+shift in one, -shift in two). 0: the kernels stay on the pixel,
+    as the blend's do; 1: they follow."""
+    with horizontal_kernels(network) as kernels:
+        estimate = interpolate(one, two, network)
     height, width = one.shape[:2]
-    tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float().div(255)
-    first, second, border, size = network_input(tensor(one), tensor(two), 'paper')
-    with torch.no_grad():
-        _, (_, horizontal1, _, horizontal2) = network(first, second, size, with_kernels=True)
+    border = KERNEL_SIZE // 2  # interpolate's 'paper' padding
     texture = torch.from_numpy(np.abs(np.gradient(middle.astype(np.float32).mean(2), axis=1)))
     offsets = torch.arange(KERNEL_SIZE, dtype=torch.float32).view(-1, 1, 1) - KERNEL_SIZE // 2
     def centroid(kernel):
         kernel = kernel[0, :, border:border + height, border:border + width].float() * texture
         return float((kernel * offsets).sum() / kernel.sum())
-    return (centroid(horizontal1) - centroid(horizontal2)) / (2 * shift)
+    return estimate, (centroid(kernels['netHorizontal1']) - centroid(kernels['netHorizontal2'])) / (2 * shift)
 
 
 def diagnose(network, data):
     """A dict of figures: Middlebury mean, its blend, the worst sequence's gain over its blend, every
     sequence's PSNR and gain, the constant-kernel share on Middlebury, identical frames (the lowest PSNR
-    over the sequences' first frames), identical noise, and the grey of a black and a white frame."""
+    over the sequences' first frames), frames moved by SHIFTS (gain over their blend, share followed), identical
+    noise, and the grey of a black and a white frame."""
     with constant_shares(network) as shares:  # recorded while the benchmark runs the network
         results = evaluate(network, data)
     gains = {name: row['psnr'] - row['blend_psnr'] for name, row in results.items()}
@@ -93,9 +108,10 @@ def diagnose(network, data):
         identical[name] = psnr(one, interpolate(one, one, network))
         for shift in SHIFTS:
             left, middle, right = shifted_pair(one, shift)
-            blend = ((left.astype(np.float32) + right) / 2).astype(np.uint8)
-            shifted[shift]['gain'].append(psnr(middle, interpolate(left, right, network)) - psnr(middle, blend))
-            shifted[shift]['followed'].append(followed_share(network, left, middle, right, shift))
+            estimate, followed = follow(network, left, middle, right, shift)
+            blend = quantise((left.astype(np.float32) + right) / 2, 'truncate')
+            shifted[shift]['gain'].append(psnr(middle, estimate) - psnr(middle, blend))
+            shifted[shift]['followed'].append(followed)
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     black, white = np.zeros((128, 128, 3), np.uint8), np.full((128, 128, 3), 255, np.uint8)
     figures |= {'constant_pixels': float(np.mean(shares)), 'identical_min': min(identical.values()),

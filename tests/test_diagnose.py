@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import diagnose
-from model import Network, interpolate
+from model import Network
 
 
 def blend_network(**options):
@@ -71,9 +71,8 @@ def test_shifted_pairs_tell_kernels_that_follow_the_motion_from_the_blend(middle
     one, middle, two = diagnose.shifted_pair(frame, shift)
     assert one.shape == middle.shape == two.shape == (64, 100 - 2 * shift, 3)
     assert np.array_equal(one[:, shift:], middle[:, :-shift]) and np.array_equal(two[:, :-shift], middle[:, shift:])
-    following, blend = shifting_network(shift), blend_network()
     with torch.no_grad():
-        assert diagnose.followed_share(following, one, middle, two, shift) == pytest.approx(1.0, abs=1e-5)
-        assert diagnose.followed_share(blend, one, middle, two, shift) == pytest.approx(0.0, abs=1e-5)
-        estimate = interpolate(one, two, following)[:, shift:-shift].astype(int)
-    assert np.abs(estimate - middle[:, shift:-shift]).max() <= 1
+        estimate, followed = diagnose.follow(shifting_network(shift), one, middle, two, shift)
+        assert followed == pytest.approx(1.0, abs=1e-5)
+        assert diagnose.follow(blend_network(), one, middle, two, shift)[1] == pytest.approx(0.0, abs=1e-5)
+    assert np.abs(estimate[:, shift:-shift].astype(int) - middle[:, shift:-shift]).max() <= 1
