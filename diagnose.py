@@ -27,17 +27,24 @@ def psnr(truth, estimate):
 
 
 @contextlib.contextmanager
+def forward_hooks(hooks):
+    """{module: hook} registered as forward hooks for the duration of the block."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def constant_shares(network):
     """A list that receives, for every head at every call of the network, the share of pixels where every
     unit of the head's last activation before the upsampling is <= 0."""
     shares = []
     record = lambda module, inputs, output: shares.append(float((output <= 0).all(1).float().mean()))
-    hooks = [getattr(network, name)[5].register_forward_hook(record) for name in HEADS]
-    try:
+    with forward_hooks({getattr(network, name)[5]: record for name in HEADS}):
         yield shares
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def constant_share(network, one, two):
@@ -63,13 +70,8 @@ def horizontal_kernels(network):
     """A dict that receives, at every call of the network, each frame's horizontal kernels by head name."""
     kernels = {}
     record = lambda name: lambda module, inputs, output: kernels.__setitem__(name, output.detach())
-    hooks = [getattr(network, name)[-1].register_forward_hook(record(name))
-             for name in ('netHorizontal1', 'netHorizontal2')]
-    try:
+    with forward_hooks({getattr(network, name)[-1]: record(name) for name in ('netHorizontal1', 'netHorizontal2')}):
         yield kernels
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def follow(network, one, middle, two, shift):
