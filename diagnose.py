@@ -40,9 +40,9 @@ def forward_hooks(hooks):
 @contextlib.contextmanager
 def constant_shares(network):
     """A list that receives, for every head at every call of the network, the share of pixels where every
-    unit of the head's last activation before the upsampling is <= 0."""
+    unit of the head's last activation before the upsampling is off (its input <= 0; see HeadMonitor)."""
     shares = []
-    record = lambda module, inputs, output: shares.append(float((output <= 0).all(1).float().mean()))
+    record = lambda module, inputs, output: shares.append(float((inputs[0] <= 0).all(1).float().mean()))
     with forward_hooks({getattr(network, name)[5]: record for name in HEADS}):
         yield shares
 

@@ -85,24 +85,26 @@ def leak_where_kernels_are_constant(network, slope, min_motion=0.0):
 
 
 class HeadMonitor:
-    """Forward hooks that record, per kernel head, the share of its last ReLU's outputs that are alive
-    (> 0), the share of pixels where they are all off (the kernels there are the head's bias, whatever the
-    input), and the kernels' standard deviation across pixels: a head that stops adapting to the input
-    shows as alive -> 0, constant pixels -> 1 or spread -> 0 long before the loss says anything."""
+    """Forward hooks that record, per kernel head, the share of its last activation's units that are alive
+    (input > 0), the share of pixels where they are all off (with the ReLU, the kernels there are the head's
+    bias whatever the input; with a PReLU of slope s, they vary by s times it), and the kernels' standard
+    deviation across pixels: a head that stops adapting to the input shows as alive -> 0, constant pixels
+    -> 1 or spread -> 0 long before the loss says anything. The activation's input, not its output: a
+    PReLU's negative slope makes the output of an off unit positive."""
 
     def __init__(self, network):
         self.alive, self.constant, self.spread = {}, {}, {}
         for name in HEADS:
             head = getattr(network, name)
-            head[5].register_forward_hook(self.recorder(self.alive, name, lambda out: (out > 0).float().mean()))
+            head[5].register_forward_hook(self.recorder(self.alive, name, lambda x: (x > 0).float().mean(), True))
             head[5].register_forward_hook(self.recorder(self.constant, name,
-                                                        lambda out: (out <= 0).all(1).float().mean()))
+                                                        lambda x: (x <= 0).all(1).float().mean(), True))
             head[-1].register_forward_hook(self.recorder(self.spread, name, lambda out: out.float().std((2, 3)).mean()))
 
     @staticmethod
-    def recorder(store, name, statistic):
+    def recorder(store, name, statistic, of_input=False):
         def hook(module, inputs, output):
-            store[name] = statistic(output.detach())
+            store[name] = statistic((inputs[0] if of_input else output).detach())
         return hook
 
     def read(self):

@@ -24,11 +24,14 @@ def blend_network(**options):
 
 
 @pytest.mark.parametrize('bias, share', [(-100.0, 1.0), (100.0, 0.0)])
-def test_constant_share_counts_pixels_with_every_unit_off(bias, share):
-    network = Network().eval()
+@pytest.mark.parametrize('slope', [None, -0.5])  # a PReLU's negative slope: off units give positive outputs
+def test_constant_share_counts_pixels_with_every_unit_off(bias, share, slope):
+    network = Network(head_prelu=slope is not None).eval()
     with torch.no_grad():
         for name in diagnose.HEADS:
             getattr(network, name)[4].bias.fill_(bias)
+            if slope is not None:
+                getattr(network, name)[5].weight.fill_(slope)
     frame = torch.rand(32, 48, 3).numpy()
     assert diagnose.constant_share(network, frame, frame) == share
 

@@ -128,6 +128,21 @@ def test_prelu_heads_with_slope_zero_are_the_relu_to_the_bit():
         assert not torch.equal(prelu(one, two), faithful(one, two))
 
 
+@pytest.mark.parametrize('slope', [0.0, -0.5, 0.5])
+def test_the_head_monitor_counts_prelu_units_by_their_input(slope):
+    """Units whose input is negative are off, whatever the slope makes of it (-0.5: positive outputs)."""
+    network = Network(head_prelu=True).eval()
+    with torch.no_grad():
+        for name in network_setup.HEADS:
+            getattr(network, name)[4].bias.fill_(-100.0)
+            getattr(network, name)[5].weight.fill_(slope)
+    monitor = network_setup.HeadMonitor(network)
+    with torch.no_grad():
+        network(*torch.rand(2, 1, 3, 64, 64).unbind())
+    read = monitor.read()
+    assert read['constant_pixels'] == 1 and all(read[f'alive_{name[3:].lower()}'] == 0 for name in network_setup.HEADS)
+
+
 def test_options_are_off_by_default_and_original_names_stay():
     network = Network()
     assert network.options == () and not network.kernel_normalization and not network.input_normalization
