@@ -310,6 +310,7 @@ def cuda_tests(job, result):
 def network(job, result):
     """The bundled network on the device against the CPU, on one Middlebury pair."""
     from PIL import Image
+    from metrics import psnr
     from model import interpolate, load_network
     from precision import native as native_precision
     sequences = middlebury_sequences(job.args.middlebury)
@@ -325,7 +326,7 @@ def network(job, result):
     precisions = sorted({'fp32', native_precision(job.device)})  # no emulated bf16 on a dry run
     for precision in precisions:
         estimate = interpolate(one, two, on_device, precision=precision)
-        result[f'{precision}_psnr_vs_cpu'] = round(psnr(reference, estimate), 2)
+        result[f'{precision}_psnr_vs_cpu'] = round(min(psnr(reference, estimate), 100.0), 2)  # JSON has no inf
         if truth is not None:
             result[f'{precision}_psnr_change'] = round(psnr(truth, estimate) - result['psnr_cpu'], 4)
     result['note'] = ', '.join(f'{k} {v}' for k, v in result.items() if 'psnr' in k)
@@ -477,12 +478,6 @@ def export(job, result):
     result['parts'] = split(target, job.out)
     result['sha256'] = hashlib.sha256(open(target, 'rb').read()).hexdigest()
     result['note'] = f"join: python gpu_round.py --join {' '.join(result['parts'])} weights.safetensors"
-
-
-def psnr(a, b):
-    """PSNR in dB of two uint8 images; 100 where they are equal."""
-    mse = np.mean((a.astype(np.float64) - b) ** 2)
-    return 100.0 if mse == 0 else float(10 * np.log10(255 ** 2 / mse))
 
 
 def middlebury_sequences(folder):
