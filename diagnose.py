@@ -1,7 +1,8 @@
 """What a set of weights does beside its Middlebury mean: the share of pixels whose kernels are the heads'
-bias (every unit of a head's last activation off, so the kernels do not depend on the input), identical
-frames given back, frames moved by a known whole number of pixels, identical frames of noise, and a
-black and a white frame.
+bias (every unit of a head's last activation off, so the kernels do not depend on the input), the
+kernels' mass (what kernel normalization divides by; under 0.01 it divides by 1), identical frames
+given back, frames moved by a known whole number of pixels, identical frames of noise, and a black and
+a white frame.
 
     python diagnose.py [--weights FILE] [--data ../shared/data/middlebury] [--device auto|cpu|cuda]
 """
@@ -19,6 +20,7 @@ from images import read_image
 from metrics import psnr as exact_psnr, quantise
 from model import DEVICES, KERNEL_SIZE, interpolate, load_network, resolve_device
 from network_setup import HEADS
+from sepconv import MASS_FLOOR
 
 
 def psnr(truth, estimate):
@@ -74,6 +76,18 @@ def horizontal_kernels(network):
         yield kernels
 
 
+def kernel_mass(network, one, two):
+    """Per pixel of the middle frame of one, two: the kernels' mass over both frames, sum(v1) * sum(h1) +
+    sum(v2) * sum(h2), what kernel normalization divides by (a flat H x W tensor)."""
+    sums = {}
+    record = lambda name: lambda module, inputs, output: sums.__setitem__(name, output.detach().float().sum(1))
+    with forward_hooks({getattr(network, name)[-1]: record(name) for name in HEADS}):
+        interpolate(one, two, network)
+    border = KERNEL_SIZE // 2  # interpolate's 'paper' padding
+    mass = sums['netVertical1'] * sums['netHorizontal1'] + sums['netVertical2'] * sums['netHorizontal2']
+    return mass[0, border:border + one.shape[0], border:border + one.shape[1]].flatten()
+
+
 def follow(network, one, middle, two, shift):
     """The network's middle frame of a shifted_pair, and how far its horizontal kernels follow the motion:
     each frame's kernel centroid (the taps times their offsets over the taps, each summed over pixels
@@ -94,9 +108,9 @@ def follow(network, one, middle, two, shift):
 
 def diagnose(network, data):
     """A dict of figures: Middlebury mean, its blend, the worst sequence's gain over its blend, every
-    sequence's PSNR and gain, the constant-kernel share on Middlebury, identical frames (the lowest PSNR
-    over the sequences' first frames), frames moved by SHIFTS (gain over their blend, share followed), identical
-    noise, and the grey of a black and a white frame."""
+    sequence's PSNR and gain, the constant-kernel share and the kernels' mass (median, share under the floor)
+    on Middlebury, identical frames (the lowest PSNR over the sequences' first frames), frames moved by
+    SHIFTS (gain over their blend, share followed), identical noise, and the grey of a black and a white frame."""
     with constant_shares(network) as shares:  # recorded while the benchmark runs the network
         results = evaluate(network, data)
     gains = {name: row['psnr'] - row['blend_psnr'] for name, row in results.items()}
@@ -104,9 +118,10 @@ def diagnose(network, data):
                'blend_psnr': mean(results, 'blend_psnr'), 'worst_gain': min(gains.values()),
                'worst_sequence': min(gains, key=gains.get),
                'sequences': {name: {'psnr': row['psnr'], 'gain': gains[name]} for name, row in results.items()}}
-    identical, shifted = {}, {shift: {'gain': [], 'followed': []} for shift in SHIFTS}
-    for name, first, _, _ in find_sequences(data):
+    identical, masses, shifted = {}, [], {shift: {'gain': [], 'followed': []} for shift in SHIFTS}
+    for name, first, second, _ in find_sequences(data):
         one = read_image(first)
+        masses.append(kernel_mass(network, one, read_image(second)))
         identical[name] = psnr(one, interpolate(one, one, network))
         for shift in SHIFTS:
             left, middle, right = shifted_pair(one, shift)
@@ -116,7 +131,10 @@ def diagnose(network, data):
             shifted[shift]['followed'].append(followed)
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     black, white = np.zeros((128, 128, 3), np.uint8), np.full((128, 128, 3), 255, np.uint8)
-    figures |= {'constant_pixels': float(np.mean(shares)), 'identical_min': min(identical.values()),
+    masses = torch.cat(masses)
+    figures |= {'constant_pixels': float(np.mean(shares)), 'kernel_mass_median': float(masses.median()),
+                'kernel_mass_under_floor': float((masses.abs() < MASS_FLOOR).float().mean()),
+                'identical_min': min(identical.values()),
                 'identical_worst': min(identical, key=identical.get), 'identical': identical,
                 'shifted': {f'{2 * shift}px': {key: float(np.mean(values)) for key, values in rows.items()}
                             for shift, rows in shifted.items()},
@@ -130,8 +148,9 @@ def summary_line(figures):
                         for motion, row in figures['shifted'].items())
     return (f"Middlebury {figures['middlebury_psnr']:.2f} dB (blend {figures['blend_psnr']:.2f}; worst "
             f"{figures['worst_sequence']} {figures['worst_gain']:+.2f}) | constant kernels "
-            f"{figures['constant_pixels']:.1%} | identical frames >= {figures['identical_min']:.1f} dB "
-            f"({figures['identical_worst']}), noise {figures['identical_noise']:.1f} dB | shifted {shifted} | "
+            f"{figures['constant_pixels']:.1%}, mass {figures['kernel_mass_median']:.3f} (median; under "
+            f"{MASS_FLOOR}: {figures['kernel_mass_under_floor']:.2%}) | identical frames >= "
+            f"{figures['identical_min']:.1f} dB ({figures['identical_worst']}), noise {figures['identical_noise']:.1f} dB | shifted {shifted} | "
             f"black+white {figures['black_white_grey']:.3f}")
 
 

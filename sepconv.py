@@ -495,6 +495,7 @@ CUDA_TYPES = {torch.float32: 'float', torch.float64: 'double', torch.float16: 'h
 ROWS_PER_THREAD = 4   # R: output rows per thread in the tiled kernels
 MAX_TAPS = 17         # J <= MAX_TAPS horizontal taps per pixel are held in registers
 GATHER_ROWS = GATHER_COLUMNS = 4
+MASS_FLOOR = 0.01     # kernel normalization divides by 1 where the kernels' mass is under this in magnitude
 _kernels = {}
 _warned = False
 
@@ -698,7 +699,7 @@ def sepconv(input, vertical, horizontal):
 def sepconv_pair(one, vertical1, horizontal1, two, vertical2, horizontal2, normalize=False):
     """sepconv(one, vertical1, horizontal1) + sepconv(two, vertical2, horizontal2); one CUDA launch for both.
     normalize: divided by the same sum for an image of ones, sum(vertical) * sum(horizontal) per frame
-    (kernel normalization, Niklaus et al. 2021), or by 1 where that is under 0.01 in magnitude."""
+    (kernel normalization, Niklaus et al. 2021), or by 1 where that is under MASS_FLOOR in magnitude."""
     _check(one, vertical1, horizontal1)
     _check(two, vertical2, horizontal2)
     if one.shape != two.shape or vertical1.shape != vertical2.shape:
@@ -709,4 +710,4 @@ def sepconv_pair(one, vertical1, horizontal1, two, vertical2, horizontal2, norma
     with torch.autocast(output.device.type, enabled=False):  # the mass in the op's precision
         mass = sum(v.to(output.dtype).sum(1, keepdim=True) * h.to(output.dtype).sum(1, keepdim=True)
                    for v, h in ((vertical1, horizontal1), (vertical2, horizontal2)))
-        return output / torch.where(mass.abs() < 0.01, torch.ones_like(mass), mass)
+        return output / torch.where(mass.abs() < MASS_FLOOR, torch.ones_like(mass), mass)

@@ -50,10 +50,27 @@ def test_the_blend_is_diagnosed_as_the_blend(middlebury, tmp_path):
     assert figures['identical_min'] == figures['identical_noise'] == 100.0
     assert figures['black_white_grey'] == pytest.approx(0.5, abs=0.6 / 255)
     assert figures['constant_pixels'] == 0.0  # default init: units on; the kernels ignore them all the same
+    assert figures['kernel_mass_median'] == pytest.approx(1.0, abs=1e-6) and figures['kernel_mass_under_floor'] == 0
     assert set(figures['shifted']) == {f'{2 * shift}px' for shift in diagnose.SHIFTS}
     for row in figures['shifted'].values():
         assert row['gain'] == pytest.approx(0.0, abs=0.2) and row['followed'] == pytest.approx(0.0, abs=1e-5)
     assert 'shifted 2px +0.0' in diagnose.summary_line(figures)
+
+
+@pytest.mark.parametrize('scales, mass, under', [((1, 1, 1, 1), 1.0, 0.0), ((1, 2, 0.5, 0.5), 1.125, 0.0),
+                                                  ((0.05, 0.05, 0.05, 0.05), 0.0025, 1.0)])
+def test_kernel_mass_is_what_kernel_normalization_divides_by(scales, mass, under):
+    """Centre taps of sqrt(0.5) times each head's scale (HEADS order): a mass of
+    0.5 * (v1 * h1 + v2 * h2) on every pixel of the frame."""
+    network = blend_network()
+    with torch.no_grad():
+        for name, scale in zip(diagnose.HEADS, scales):
+            getattr(network, name)[-1].bias.mul_(scale)
+        one, two = torch.rand(2, 40, 72, 3).numpy()
+        found = diagnose.kernel_mass(network, one, two)
+    assert found.shape == (40 * 72,)
+    torch.testing.assert_close(found, torch.full_like(found, mass))
+    assert float((found.abs() < diagnose.MASS_FLOOR).float().mean()) == under
 
 
 def shifting_network(shift):
