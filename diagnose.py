@@ -67,25 +67,32 @@ def shifted_pair(frame, shift):
     return crop(0), crop(shift), crop(2 * shift)
 
 
+BORDER = KERNEL_SIZE // 2  # interpolate's 'paper' padding: the frame's pixel (0, 0) is the kernels' (25, 25)
+
+
 @contextlib.contextmanager
-def horizontal_kernels(network):
-    """A dict that receives, at every call of the network, each frame's horizontal kernels by head name."""
+def head_kernels(network, names):
+    """A dict that receives, at every call of the network, the kernels of the heads `names` (1 x 51 x H x W
+    for the padded frame) by head name."""
     kernels = {}
     record = lambda name: lambda module, inputs, output: kernels.__setitem__(name, output.detach())
-    with forward_hooks({getattr(network, name)[-1]: record(name) for name in ('netHorizontal1', 'netHorizontal2')}):
+    with forward_hooks({getattr(network, name)[-1]: record(name) for name in names}):
         yield kernels
+
+
+def on_frame(kernel, height, width):
+    """A head's 51 x height x width kernels for the frame's own pixels."""
+    return kernel[0, :, BORDER:BORDER + height, BORDER:BORDER + width]
 
 
 def kernel_mass(network, one, two):
     """Per pixel of the middle frame of one, two: the kernels' mass over both frames, sum(v1) * sum(h1) +
     sum(v2) * sum(h2), what kernel normalization divides by (a flat H x W tensor)."""
-    sums = {}
-    record = lambda name: lambda module, inputs, output: sums.__setitem__(name, output.detach().float().sum(1))
-    with forward_hooks({getattr(network, name)[-1]: record(name) for name in HEADS}):
+    with head_kernels(network, HEADS) as kernels:
         interpolate(one, two, network)
-    border = KERNEL_SIZE // 2  # interpolate's 'paper' padding
+    sums = {name: on_frame(kernel, *one.shape[:2]).float().sum(0) for name, kernel in kernels.items()}
     mass = sums['netVertical1'] * sums['netHorizontal1'] + sums['netVertical2'] * sums['netHorizontal2']
-    return mass[0, border:border + one.shape[0], border:border + one.shape[1]].flatten()
+    return mass.flatten()
 
 
 def follow(network, one, middle, two, shift):
@@ -94,14 +101,12 @@ def follow(network, one, middle, two, shift):
     weighted by the middle's horizontal gradient, where following matters), over the offset where the
     middle's content sits in that frame (+shift in one, -shift in two). 0: the kernels stay on the pixel,
     as the blend's do; 1: they follow."""
-    with horizontal_kernels(network) as kernels:
+    with head_kernels(network, ('netHorizontal1', 'netHorizontal2')) as kernels:
         estimate = interpolate(one, two, network)
-    height, width = one.shape[:2]
-    border = KERNEL_SIZE // 2  # interpolate's 'paper' padding
     texture = torch.from_numpy(np.abs(np.gradient(middle.astype(np.float32).mean(2), axis=1)))
     offsets = torch.arange(KERNEL_SIZE, dtype=torch.float32).view(-1, 1, 1) - KERNEL_SIZE // 2
     def centroid(kernel):
-        kernel = kernel[0, :, border:border + height, border:border + width].float() * texture
+        kernel = on_frame(kernel, *one.shape[:2]).float() * texture
         return float((kernel * offsets).sum() / kernel.sum())
     return estimate, (centroid(kernels['netHorizontal1']) - centroid(kernels['netHorizontal2'])) / (2 * shift)
 
@@ -150,8 +155,8 @@ def summary_line(figures):
             f"{figures['worst_sequence']} {figures['worst_gain']:+.2f}) | constant kernels "
             f"{figures['constant_pixels']:.1%}, mass {figures['kernel_mass_median']:.3f} (median; under "
             f"{MASS_FLOOR}: {figures['kernel_mass_under_floor']:.2%}) | identical frames >= "
-            f"{figures['identical_min']:.1f} dB ({figures['identical_worst']}), noise {figures['identical_noise']:.1f} dB | shifted {shifted} | "
-            f"black+white {figures['black_white_grey']:.3f}")
+            f"{figures['identical_min']:.1f} dB ({figures['identical_worst']}), noise "
+            f"{figures['identical_noise']:.1f} dB | shifted {shifted} | black+white {figures['black_white_grey']:.3f}")
 
 
 def main(argv=None):
